@@ -1,0 +1,331 @@
+"""Representation geometry: known answers, agreement with DADApy, and the `geometry` stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlmlayers import activations, geometry
+from vlmlayers.cli import main
+from vlmlayers.io import write_json
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_geometry.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_geometry", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_geometry", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dadapy():
+    """DADApy's estimator classes; skipped when dadapy is not installed (an optional reference)."""
+    if importlib.util.find_spec("dadapy") is None:
+        pytest.skip("dadapy not installed")
+    return _bench().import_dadapy()
+
+
+def _embed(points: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Isometric embedding into ``dim`` dimensions (a random orthonormal frame)."""
+    frame, _ = np.linalg.qr(rng.normal(size=(dim, points.shape[1])))
+    return points @ frame.T
+
+
+def _layers(n_layers=3, n=300, dim=20, seed=0) -> np.ndarray:
+    """(L, N, D) points with latent dimension 2, 4, 6 ... and a little noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for layer in range(n_layers):
+        z = rng.normal(size=(n, 2 + 2 * layer))
+        out.append(_embed(np.tanh(z), dim, rng) + 0.01 * rng.normal(size=(n, dim)))
+    return np.stack(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Known answers
+
+
+def test_id_of_a_linear_subspace():
+    rng = np.random.default_rng(1)
+    x = _embed(rng.normal(size=(2000, 5)), 100, rng)
+    assert geometry.twonn(x) == pytest.approx(5, rel=0.1)
+    profile = geometry.gride(x, range_max=64)
+    assert list(profile.scale) == [2, 4, 8, 16, 32, 64]
+    assert profile.id[profile.scale <= 32] == pytest.approx(np.full(5, 5.0), rel=0.1)
+    assert (profile.error > 0).all() and (profile.error < 0.5).all()
+
+
+def test_id_of_curved_surfaces_batched():
+    """A swiss roll and a sphere (both 2-d) in 100-d, as two 'layers' of one call."""
+    rng = np.random.default_rng(2)
+    t = 1.5 * np.pi * (1 + 2 * rng.uniform(size=2000))  # sklearn's make_swiss_roll
+    roll = np.stack([t * np.cos(t), 21 * rng.uniform(size=2000), t * np.sin(t)], axis=1)
+    sphere = rng.normal(size=(2000, 3))
+    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
+    x = np.stack([_embed(roll, 100, rng), _embed(sphere, 100, rng)])
+    assert geometry.twonn(x) == pytest.approx([2, 2], rel=0.1)
+    profile = geometry.gride(x, range_max=16)
+    assert profile.id.shape == (2, 4)
+    assert profile.id == pytest.approx(np.full((2, 4), 2.0), rel=0.1)
+
+
+def test_overlap_identical_and_independent():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(1000, 30))
+    assert geometry.neighbourhood_overlap(a, a.copy(), k=30) == 1.0
+    rotated = _embed(a, 50, rng) * 3.0 + 1.0  # same neighbourhoods
+    assert geometry.neighbourhood_overlap(a, rotated, k=30) == 1.0
+    independent = geometry.neighbourhood_overlap(a, rng.normal(size=(1000, 30)), k=30)
+    assert independent == pytest.approx(30 / 999, abs=0.01)
+    per = geometry.neighbourhood_overlap(a, a, k=10, per_point=True)
+    assert per.shape == (1000,) and (per == 1).all()
+
+
+def test_label_overlap_clusters_and_chance():
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2, 3], 100)
+    clustered = rng.normal(size=(400, 8)) + 20 * np.eye(8)[labels]
+    assert geometry.label_overlap(clustered, labels, k=10) == 1.0
+    chance = geometry.label_overlap(rng.normal(size=(400, 8)), labels, k=10)
+    assert chance == pytest.approx(0.25, abs=0.05)
+    # Missing labels: those points are left out of the neighbour search.
+    partial = labels.astype(object)
+    partial[:50] = None
+    per = geometry.label_overlap(clustered, partial, k=10, per_point=True)
+    assert np.isnan(per[:50]).all() and (per[50:] == 1).all()
+
+
+def test_information_imbalance_identical_and_asymmetric():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(500, 3))
+    ab, ba = geometry.information_imbalance(a, a * 2.0)
+    assert ab == ba == pytest.approx(2 / 500)  # every nearest neighbour has rank 1
+    # The full space predicts one of its coordinates, not the other way round.
+    full_to_part, part_to_full = geometry.information_imbalance(a, a[:, :1])
+    assert full_to_part < 0.3 < 0.6 < part_to_full
+    ab, ba = geometry.information_imbalance(a, rng.normal(size=(500, 3)))
+    assert ab == pytest.approx(1, abs=0.1) and ba == pytest.approx(1, abs=0.1)
+
+
+def test_linear_cka():
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(200, 40))
+    b = a[:, :10] @ rng.normal(size=(10, 30)) + 0.5 * rng.normal(size=(200, 30))
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    feature_space = np.linalg.norm(bc.T @ ac) ** 2 / (
+        np.linalg.norm(ac.T @ ac) * np.linalg.norm(bc.T @ bc)
+    )
+    assert geometry.linear_cka(a, b) == pytest.approx(feature_space, rel=1e-12)
+    assert geometry.linear_cka(a, _embed(a, 60, rng) * 5 + 2) == pytest.approx(1, rel=1e-12)
+    both = geometry.linear_cka([a, a], [b, a])  # per-layer lists; widths may differ
+    assert both == pytest.approx([feature_space, 1.0], rel=1e-12)
+
+
+def test_duplicates_are_dropped_with_a_warning():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 200, 6))
+    x[1, 10:14] = x[1, 3]  # layer 1: four extra copies of point 3
+    x[2, 50] = x[2, 60]  # layer 2: one extra copy
+    with pytest.warns(geometry.DuplicatePointsWarning, match=r"5 identical points.*layer 1: 4, "):
+        p = geometry.pairwise(x, context="test")
+    assert p.n_kept.tolist() == [200, 196, 199]
+    assert not p.keep[1, 10:14].any() and p.keep[1, 3] and not p.keep[2, 60]
+    with pytest.warns(geometry.DuplicatePointsWarning, match="4 identical"):
+        dedup = geometry.twonn(x[1])
+    assert dedup == pytest.approx(geometry.twonn(np.delete(x[1], range(10, 14), axis=0)))
+    assert np.isfinite(geometry.gride(p).id).all()
+
+
+def test_too_few_distinct_points_give_nan():
+    x = np.zeros((2, 50, 4))
+    x[1] = np.random.default_rng(8).normal(size=(50, 4))
+    with (
+        pytest.warns(geometry.DuplicatePointsWarning, match="49 identical"),
+        pytest.warns(geometry.TooFewPointsWarning, match=r"layer\(s\) \[0\]"),
+    ):
+        ids = geometry.twonn(x)
+    assert np.isnan(ids[0]) and np.isfinite(ids[1])
+
+
+def test_float32_close_to_float64_and_pairwise_reuse():
+    x = _layers(n_layers=2, n=400, dim=64, seed=9)
+    p64 = geometry.pairwise(x)
+    p32 = geometry.pairwise(x, dtype="float32")
+    assert geometry.twonn(p32) == pytest.approx(geometry.twonn(p64), rel=1e-3)
+    assert geometry.gride(p32).id == pytest.approx(geometry.gride(p64).id, rel=1e-3)
+    # A Pairwise gives the same numbers as the arrays it was built from.
+    assert np.array_equal(geometry.twonn(p64), geometry.twonn(x))
+    assert np.array_equal(geometry.gride(p64).id, geometry.gride(x).id)
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement with DADApy (the reference implementation)
+
+
+def test_id_equals_dadapy(dadapy):
+    x = _layers(n_layers=3, n=300, dim=20)
+    ours_twonn = geometry.twonn(x)
+    ours_gride = geometry.gride(x, range_max=64)
+    for layer in range(3):
+        ref = dadapy.IdEstimation(coordinates=x[layer])
+        assert ours_twonn[layer] == pytest.approx(ref.compute_id_2NN(mu_fraction=0.9)[0], rel=1e-6)
+        ref_id, ref_err, ref_scale = ref.return_id_scaling_gride(range_max=64, return_ranks=True)
+        assert ours_gride.id[layer] == pytest.approx(ref_id, rel=1e-6)
+        assert ours_gride.error[layer] == pytest.approx(ref_err, rel=1e-6)
+        assert np.array_equal(ours_gride.scale, ref_scale)
+    ml = dadapy.IdEstimation(coordinates=x[0]).compute_id_2NN(algorithm="ml", mu_fraction=1)[0]
+    assert geometry.twonn(x[0], fraction=1.0) == pytest.approx(ml, rel=1e-12)
+
+
+def test_id_with_duplicates_equals_dadapy_after_removal(dadapy):
+    x = _layers(n_layers=1, n=300, dim=20, seed=1)[0]
+    x = np.concatenate([x, x[:7]])
+    ref = dadapy.IdEstimation(coordinates=x)
+    ref.remove_identical_points()
+    assert ref.N == 300
+    with pytest.warns(geometry.DuplicatePointsWarning, match="7 identical"):
+        assert geometry.twonn(x) == pytest.approx(ref.compute_id_2NN()[0], rel=1e-6)
+    with pytest.warns(geometry.DuplicatePointsWarning, match="7 identical"):
+        ours = geometry.gride(x, range_max=32).id
+    assert ours == pytest.approx(ref.return_id_scaling_gride(range_max=32)[0], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Subset size greater than the dataset size")
+def test_overlaps_and_imbalance_equal_dadapy(dadapy):
+    a = _layers(n_layers=2, n=250, dim=20, seed=2)
+    b = _layers(n_layers=2, n=250, dim=12, seed=2) + 0.3 * np.random.default_rng(3).normal(
+        size=(2, 250, 12)
+    )
+    labels = np.random.default_rng(4).integers(0, 3, size=250)
+    labels[: 250 // 3] = 0  # unequal class sizes, so that weighting matters
+    overlap = geometry.neighbourhood_overlap(a, b, k=30)
+    per_point = geometry.neighbourhood_overlap(a, b, k=30, per_point=True)
+    plain = geometry.label_overlap(a, labels, k=30)
+    weighted = geometry.label_overlap(a, labels, k=30, weighted=True)
+    imb1 = geometry.information_imbalance(a, b, k=1)
+    imb3 = geometry.information_imbalance(a, b, k=3)
+    for layer in range(2):
+        mc = dadapy.MetricComparisons(coordinates=a[layer])
+        ref = mc.return_data_overlap(coordinates=b[layer], k=30, use_cython=False, avg=False)
+        assert np.array_equal(per_point[layer], ref)
+        assert overlap[layer] == np.mean(ref)
+        assert plain[layer] == mc.return_label_overlap(labels, k=30, weighted=False)
+        assert weighted[layer] == mc.return_label_overlap(labels, k=30)
+        for k, (ab, ba) in ((1, imb1), (3, imb3)):
+            ref_ab, ref_ba = mc.return_information_imbalace(b[layer], k=k, subset_size=250)
+            assert (ab[layer], ba[layer]) == (ref_ab[0], ref_ba[0])
+
+
+def test_bench_runs_small_and_agrees(tmp_path, dadapy):
+    out = tmp_path / "geometry.json"
+    _bench().main(["--layers", "2", "--n", "200", "--dim", "32", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["speedup"] > 0
+    assert result["agreement"]["overlap"]["exact"]
+    assert result["agreement"]["gride_a"]["max_rel_diff"] < 1e-6
+    assert result["agreement"]["twonn_b"]["max_rel_diff"] < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def _store(root: Path, per_layer: dict[int, np.ndarray], ids: list[str]) -> Path:
+    for layer, x in per_layer.items():
+        activations.write_shard(root, "residual", layer, 0, ids[:60], {"last": x[:60]})
+        activations.write_shard(root, "residual", layer, 1, ids[60:], {"last": x[60:]})
+    manifest = {"layers": sorted(per_layer), "n": len(ids), "dtype": "float32"}
+    write_json(manifest, root / "manifest.json")
+    return root
+
+
+def test_stage_end_to_end(tmp_path):
+    rng = np.random.default_rng(10)
+    n = 120
+    ids = [f"s{i:03d}" for i in range(n)]
+    colour = np.repeat(["red", "green", "blue"], n // 3)
+    question = np.tile(["what colour?", "what shape?"], n // 2)
+    centres = {c: 30 * rng.normal(size=16) for c in ("red", "green", "blue")}
+    image, text = {0: np.ones((n, 16))}, {0: np.ones((n, 16))}  # layer 0: one embedding for all
+    for layer in (1, 2, 3):
+        z = rng.normal(size=(n, 3)) @ rng.normal(size=(3, 16))
+        image[layer] = np.stack([centres[c] for c in colour]) + z
+        text[layer] = image[layer] if layer == 2 else rng.normal(size=(n, 16))
+    labels = tmp_path / "data.parquet"
+    pd.DataFrame(
+        {"id": ids, "question": question, "labels.colour": colour, "labels.question_type": question}
+    ).to_parquet(labels)
+    out = tmp_path / "geometry.parquet"
+    main(
+        [
+            "geometry", "--model", "tiny-tuned",
+            "--image", str(_store(tmp_path / "image", image, ids)),
+            "--text", str(_store(tmp_path / "text", text, ids)),
+            "--labels", str(labels), "--poolings", "last", "--k", "5",
+            "--gride-range-max", "16", "--n-boot", "200", "--seed", "3", "--out", str(out),
+        ]
+    )  # fmt: skip
+    table = pd.read_parquet(out)
+    assert list(table.columns) == list(geometry.COLUMNS)
+    assert sorted(table.layer.unique()) == [1, 2, 3]  # layer 0 skipped for `last`
+    assert set(table.modality) == {"image", "text", "image~text"}
+    assert (table.model == "tiny-tuned").all() and (table.seed == 3).all()
+    assert set(table.metric) == {
+        "id_twonn", "id_gride", "label_overlap:colour", "baseline_overlap:question_type",
+        "neighbour_overlap", "information_imbalance:image->text",
+        "information_imbalance:text->image", "cka_linear",
+    }  # fmt: skip
+
+    def row(layer, modality, metric, scale=None):
+        hit = table[(table.layer == layer) & (table.modality == modality)]
+        hit = hit[hit.metric == metric]
+        if scale is not None:
+            hit = hit[hit.scale == scale]
+        assert len(hit) == 1, (layer, modality, metric, scale)
+        return hit.iloc[0]
+
+    same = row(2, "image~text", "neighbour_overlap", 5)
+    assert same.value == 1.0 and same.ci_low == same.ci_high == 1.0 and same.n == n
+    assert row(2, "image~text", "cka_linear").value == pytest.approx(1.0)
+    assert np.isnan(row(2, "image~text", "cka_linear").scale)
+    assert row(3, "image~text", "neighbour_overlap").value < 0.3
+    colour_overlap = row(1, "image", "label_overlap:colour", 5)
+    assert colour_overlap.value == 1.0 and colour_overlap.n == n
+    chance = row(1, "text", "baseline_overlap:question_type")
+    assert chance.ci_low <= chance.value <= chance.ci_high
+    assert row(3, "image", "id_twonn").relative_depth == 1.0
+    assert row(1, "image", "id_twonn").value == pytest.approx(3, rel=0.25)
+    gride = table[(table.metric == "id_gride") & (table.layer == 1) & (table.modality == "image")]
+    assert list(gride.scale) == [2, 4, 8, 16]
+    assert (gride.ci_low < gride.value).all() and (gride.value < gride.ci_high).all()
+
+
+def test_stage_keeps_layer_zero_on_request_as_nan(tmp_path):
+    rng = np.random.default_rng(11)
+    ids = [f"s{i:03d}" for i in range(80)]
+    per_layer = {0: np.ones((80, 8)), 1: rng.normal(size=(80, 8))}
+    out = tmp_path / "g.parquet"
+    store = _store(tmp_path / "img", per_layer, ids)
+    args = ["geometry", "--model", "m", "--image", str(store), "--k", "5",
+            "--gride-range-max", "8", "--no-skip-layer-zero", "--out", str(out)]  # fmt: skip
+    with (
+        pytest.warns(geometry.DuplicatePointsWarning, match="79 identical points.*layer 0: 79"),
+        pytest.warns(geometry.TooFewPointsWarning),
+    ):
+        main(args)
+    table = pd.read_parquet(out)
+    assert set(table.modality) == {"image"} and set(table.metric) == {"id_twonn", "id_gride"}
+    assert table[table.layer == 0].value.isna().all()
+    assert table[table.layer == 0].n.eq(1).all()
+    assert table[table.layer == 1].value.notna().all()
+    with pytest.raises(FileNotFoundError, match=r"img/tap=post_mlp: no layer=NN"):
+        main(args[:-2] + ["--tap", "post_mlp", "--out", str(out)])
