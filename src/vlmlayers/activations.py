@@ -1,4 +1,4 @@
-"""The activation store: hive-partitioned Parquet shards, one directory per model x dataset x modality.
+"""The activation store: hive-partitioned Parquet shards per model x dataset x modality.
 
 Layout (DESIGN.md, with a ``tap`` level for the tap point)::
 

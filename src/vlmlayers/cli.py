@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
             module = importlib.import_module(module_name)
             doc = (module.__doc__ or "").strip()
             stage = sub.add_parser(
-                name, help=doc.splitlines()[0] if doc else None, description=doc,
+                name,
+                help=doc.splitlines()[0] if doc else None,
+                description=doc,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
             )
             module.add_arguments(stage)

@@ -1,4 +1,4 @@
-"""Atomic file output and content hashing: no half-written file is ever visible under its final name."""
+"""Atomic file output and content hashing: no half-written file is visible under its final name."""
 
 from __future__ import annotations
 

@@ -1,0 +1,109 @@
+"""The study's two prompt forms, as chat messages (one place for every prompt string).
+
+Image form: the image, the question, then the single-word suffix. Text form: "Below are {n}
+descriptions of an image..." with numbered captions and the same question and suffix. Both
+prefill the assistant turn with "Answer:" so the last prompt token is the same in both forms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUFFIX = "Answer the question using a single word or phrase."
+TEXT_PREAMBLE = "Below are {n} descriptions of an image. Use them to answer the question."
+ANSWER_PREFIX = "Answer:"
+CAPTION_REQUEST = "Describe the image briefly."
+
+Message = dict
+
+
+def _turns(user_content: list[dict], prefill: str) -> list[Message]:
+    return [
+        {"role": "user", "content": user_content},
+        {"role": "assistant", "content": [{"type": "text", "text": prefill}]},
+    ]
+
+
+def image_messages(question: str) -> list[Message]:
+    """Image form: image + question + suffix, assistant prefilled with "Answer:"."""
+    text = f"{question}\n{SUFFIX}"
+    return _turns([{"type": "image"}, {"type": "text", "text": text}], ANSWER_PREFIX)
+
+
+def text_messages(captions: list[str], question: str) -> list[Message]:
+    """Text form: numbered captions + the same question and suffix."""
+    lines = [TEXT_PREAMBLE.format(n=len(captions))]
+    lines += [f"{i}. {c}" for i, c in enumerate(captions, start=1)]
+    lines += [question, SUFFIX]
+    return _turns([{"type": "text", "text": "\n".join(lines)}], ANSWER_PREFIX)
+
+
+def caption_messages() -> list[Message]:
+    """Captioning prompt (LLaVA stage 1, captioning benchmark); the reply is not prefilled."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}
+    ]
+
+
+def with_answer(messages: list[Message], answer: str) -> list[Message]:
+    """The same conversation with the prefilled reply completed by ``answer`` (for training)."""
+    *head, last = messages
+    text = last["content"][-1]["text"]
+    return [*head, {**last, "content": [{"type": "text", "text": f"{text} {answer}"}]}]
+
+
+def conversation(row: dict, modality: str, n_captions: int) -> list[Message]:
+    """The study's prompt for one dataset row in ``modality`` ("image" or "text")."""
+    if modality == "image":
+        return image_messages(row["question"])
+    if modality == "text":
+        captions = row.get("captions")
+        captions = list(captions)[:n_captions] if captions is not None else [row["caption"]]
+        return text_messages(captions, row["question"])
+    raise ValueError(f"unknown modality {modality!r} (expected 'image' or 'text')")
+
+
+def render(processor, messages: list[Message]) -> str:
+    """Render with the model's own chat template; a trailing assistant turn is continued."""
+    prefilled = messages[-1]["role"] == "assistant"
+    if not getattr(processor, "image_processor", None):
+        messages = [_flatten_text(m) for m in messages]  # text-only LLM templates want strings
+    return processor.apply_chat_template(
+        messages,
+        tokenize=False,
+        continue_final_message=prefilled,
+        add_generation_prompt=not prefilled,
+    )
+
+
+def _flatten_text(message: Message) -> Message:
+    content = message["content"]
+    if isinstance(content, str):
+        return message
+    return {**message, "content": " ".join(i["text"] for i in content if i["type"] == "text")}
+
+
+def encode(
+    processor,
+    conversations: list[list[Message]],
+    images: list | None = None,
+    replies: list[str] | None = None,
+):
+    """Tokenize a batch (left padding). With ``replies``, append each reply + EOS and set
+    ``labels`` to the reply tokens only (LLaVA-style instruction loss)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    prompts_text = [render(processor, c) for c in conversations]
+    kwargs = {"images": images} if images is not None else {}
+    if replies is None:
+        return processor(text=prompts_text, return_tensors="pt", padding=True, **kwargs)
+    full = [f"{p} {r}{tokenizer.eos_token}" for p, r in zip(prompts_text, replies, strict=True)]
+    batch = processor(text=full, return_tensors="pt", padding=True, **kwargs)
+    # Both texts hold the same image placeholders, so their token-count difference is the reply.
+    count = tokenizer(prompts_text + full, add_special_tokens=True)["input_ids"]
+    n = len(prompts_text)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i in range(n):
+        n_reply = len(count[n + i]) - len(count[i])
+        labels[i, -n_reply:] = batch["input_ids"][i, -n_reply:]
+    batch["labels"] = labels
+    return batch
