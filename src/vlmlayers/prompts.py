@@ -7,7 +7,10 @@ prefill the assistant turn with "Answer:" so the last prompt token is the same i
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
+
+from vlmlayers.data import image_of
 
 SUFFIX = "Answer the question using a single word or phrase."
 TEXT_PREAMBLE = "Below are {n} descriptions of an image. Use them to answer the question."
@@ -89,21 +92,44 @@ def encode(
     images: list | None = None,
     replies: list[str] | None = None,
 ):
-    """Tokenize a batch (left padding). With ``replies``, append each reply + EOS and set
-    ``labels`` to the reply tokens only (LLaVA-style instruction loss)."""
+    """Tokenize a batch (left padding), one image per conversation if ``images`` is given.
+    With ``replies``, append each reply + EOS and set ``labels`` to the reply tokens only
+    (LLaVA-style instruction loss)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     prompts_text = [render(processor, c) for c in conversations]
-    kwargs = {"images": images} if images is not None else {}
+    if images is None:  # text only: the tokenizer (PaliGemma's processor demands images)
+        processor, kwargs = tokenizer, {}
+    else:  # a flat list would be one conversation's images to some processors (Gemma3)
+        kwargs = {"images": [im if isinstance(im, list | tuple) else [im] for im in images]}
     if replies is None:
         return processor(text=prompts_text, return_tensors="pt", padding=True, **kwargs)
     full = [f"{p} {r}{tokenizer.eos_token}" for p, r in zip(prompts_text, replies, strict=True)]
     batch = processor(text=full, return_tensors="pt", padding=True, **kwargs)
-    # Both texts hold the same image placeholders, so their token-count difference is the reply.
+    # Both texts hold the same image placeholders, so the tokens past the prompt are the reply.
     count = tokenizer(prompts_text + full, add_special_tokens=True)["input_ids"]
     n = len(prompts_text)
     labels = torch.full_like(batch["input_ids"], -100)
     for i in range(n):
-        n_reply = len(count[n + i]) - len(count[i])
-        labels[i, -n_reply:] = batch["input_ids"][i, -n_reply:]
+        reply = count[n + i][len(count[i]) :]
+        # The last occurrence: some processors append after the text (PaliGemma adds "\n").
+        start = _find_last(batch["input_ids"][i].tolist(), reply)
+        labels[i, start : start + len(reply)] = batch["input_ids"][i, start : start + len(reply)]
     batch["labels"] = labels
     return batch
+
+
+def _find_last(ids: list[int], part: list[int]) -> int:
+    for start in range(len(ids) - len(part), -1, -1):
+        if ids[start : start + len(part)] == part:
+            return start
+    raise ValueError(f"reply tokens {part} not found in the encoded conversation {ids}")
+
+
+def encode_rows(
+    loaded, rows: pd.DataFrame, modality: str, n_captions: int, replies: list[str] | None = None
+):
+    """Encode ``rows`` in one prompt form for ``loaded`` (on its device)."""
+    conversations = [conversation(r, modality, n_captions) for _, r in rows.iterrows()]
+    images = [image_of(r) for _, r in rows.iterrows()] if modality == "image" else None
+    batch = encode(loaded.processor, conversations, images, replies)
+    return batch.to(loaded.device)

@@ -1,0 +1,200 @@
+"""Score a model on a VQA benchmark in both prompt forms (greedy answer + answer log-probability).
+
+Scoring is exact match after :func:`normalise_answer` (never substring matching: an empty
+prediction scores 0). Writes a tidy table (model, role, modality, task, subset, metric, value,
+ci_low, ci_high, n, seed) and, optionally, the per-sample predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from vlmlayers import prompts
+from vlmlayers.data import read_dataset
+from vlmlayers.io import write_parquet
+from vlmlayers.models import LoadedModel, ModelSpec, load
+from vlmlayers.runtime import setup_torch
+from vlmlayers.stats import bootstrap_ci
+
+_NUMBERS = "zero one two three four five six seven eight nine ten"
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(_NUMBERS.split())}  # noqa: SIM905
+ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(text: str | None) -> str:
+    """Lower-case, drop punctuation and articles, map number words to digits, squeeze spaces."""
+    if text is None:
+        return ""
+    text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def exact_match(prediction: str | None, answer: str) -> bool:
+    """True iff both normalise to the same non-empty string."""
+    pred = normalise_answer(prediction)
+    return bool(pred) and pred == normalise_answer(answer)
+
+
+@torch.no_grad()
+def answer_logprob(loaded: LoadedModel, batch) -> torch.Tensor:
+    """Sum of log-probabilities of the reply tokens (``labels`` != -100, EOS excluded)."""
+    labels = batch.pop("labels")
+    logits = loaded.model(**batch).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    # drop each row's last reply token (EOS) so the score is about the answer itself
+    last = mask.cumsum(1) == mask.sum(1, keepdim=True)
+    mask &= ~last
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (logp * mask).sum(1)
+
+
+@torch.no_grad()
+def generate_answers(loaded: LoadedModel, batch, max_new_tokens: int) -> list[str]:
+    out = loaded.model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]
+    texts = loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [re.split(r"[\n.]", t.strip())[0].strip() for t in texts]
+
+
+def score_rows(
+    loaded: LoadedModel,
+    data: pd.DataFrame,
+    modality: str,
+    *,
+    n_captions: int = 2,
+    batch_size: int = 32,
+    max_new_tokens: int = 5,
+    desc: str = "",
+) -> pd.DataFrame:
+    """Per-sample prediction, correctness and answer log-probability."""
+    results = []
+    for start in tqdm(
+        range(0, len(data), batch_size), desc=desc or f"eval {modality}", unit="batch", leave=False
+    ):
+        rows = data.iloc[start : start + batch_size]
+        prediction = generate_answers(
+            loaded, prompts.encode_rows(loaded, rows, modality, n_captions), max_new_tokens
+        )
+        logprob = answer_logprob(
+            loaded, prompts.encode_rows(loaded, rows, modality, n_captions, rows["answer"].tolist())
+        )
+        for (_, row), pred, lp in zip(rows.iterrows(), prediction, logprob.tolist(), strict=True):
+            results.append(
+                {
+                    "id": row["id"],
+                    "modality": modality,
+                    "prediction": pred,
+                    "correct": exact_match(pred, row["answer"]),
+                    "answer_logprob": lp,
+                }
+            )
+    return pd.DataFrame(results)
+
+
+def summarise(
+    scored: pd.DataFrame, data: pd.DataFrame, model: str, role: str, seed: int, n_boot: int = 1000
+) -> pd.DataFrame:
+    """Tidy rows per modality x task x subset (all / seen / heldout pairs when known)."""
+    merged = scored.merge(data.drop(columns=["image"], errors="ignore"), on="id")
+    merged["task"] = merged.get("task", "all")
+    subsets = {"all": np.ones(len(merged), bool)}
+    if "heldout_pair" in merged:
+        subsets |= {
+            "seen": ~merged["heldout_pair"].to_numpy(bool),
+            "heldout": merged["heldout_pair"].to_numpy(bool),
+        }
+    rows = []
+    for (modality, task), group in merged.groupby(["modality", "task"]):
+        for subset, mask in subsets.items():
+            part = group[mask[group.index]]
+            for metric, column in (("accuracy", "correct"), ("answer_logprob", "answer_logprob")):
+                values = part[column].to_numpy(float)
+                low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+                rows.append(
+                    {
+                        "model": model,
+                        "role": role,
+                        "modality": modality,
+                        "task": task,
+                        "subset": subset,
+                        "metric": metric,
+                        "value": float(values.mean()) if len(values) else float("nan"),
+                        "ci_low": float(low),
+                        "ci_high": float(high),
+                        "n": len(values),
+                        "seed": seed,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model name for the tables")
+    parser.add_argument("--path", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--role", default="tuned", help="base | aligned | tuned | variant")
+    parser.add_argument("--family", default=None, help="expected model_type (checked)")
+    parser.add_argument("--data", type=Path, required=True, help="benchmark dataset")
+    parser.add_argument(
+        "--modalities",
+        nargs="+",
+        default=["image", "text"],
+        help="prompt forms to score (text-only models: text only)",
+    )
+    parser.add_argument("--n-captions", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N rows")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | ...")
+    parser.add_argument("--on-bad-rows", choices=["error", "skip"], default="error")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="tidy Parquet to write")
+    parser.add_argument("--predictions", type=Path, help="also write per-sample predictions")
+
+
+def run(args: argparse.Namespace) -> None:
+    from vlmlayers.runtime import resolve_dtype
+
+    device = setup_torch(seed=args.seed)
+    spec = ModelSpec(
+        name=args.model, path=args.path, role=args.role, family=args.family, dtype=args.dtype
+    )
+    loaded = load(spec, device=device, dtype=resolve_dtype(args.dtype, device))
+    modalities = args.modalities if loaded.is_multimodal else ["text"]
+    data = read_dataset(args.data, args.on_bad_rows, needs_image="image" in modalities).frame
+    if args.limit:
+        data = data.head(args.limit)
+    scored = pd.concat(
+        [
+            score_rows(
+                loaded,
+                data,
+                m,
+                n_captions=args.n_captions,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                desc=f"{args.model} {m}",
+            )
+            for m in modalities
+        ]
+    )
+    table = summarise(scored, data, args.model, args.role, args.seed)
+    write_parquet(table, args.out)
+    if args.predictions:
+        write_parquet(scored, args.predictions)
+    shown = table[(table.metric == "accuracy") & (table.subset == "all")]
+    print(shown[["model", "modality", "task", "value", "n"]].to_string(index=False))
