@@ -169,7 +169,13 @@ def load(
     if local:
         check_checkpoint(spec.path)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    config = AutoConfig.from_pretrained(spec.path, **common)
+    try:
+        config = AutoConfig.from_pretrained(spec.path, **common)
+    except OSError as err:  # e.g. a relative path that does not exist is tried as a hub id
+        raise OSError(
+            f"model {spec.name!r}: cannot load {spec.path} (neither a local checkpoint nor a "
+            f"reachable hub id): {err}"
+        ) from err
     if spec.family and spec.family != config.model_type:
         raise ValueError(
             f"model {spec.name!r}: spec family {spec.family!r} but checkpoint model_type is "

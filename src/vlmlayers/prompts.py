@@ -97,8 +97,10 @@ def encode(
     (LLaVA-style instruction loss)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     prompts_text = [render(processor, c) for c in conversations]
-    if images is None:  # text only: the tokenizer (PaliGemma's processor demands images)
-        processor, kwargs = tokenizer, {}
+    if images is None:  # text only: the tokenizer (PaliGemma's processor demands images) ...
+        # ... plus token_type_ids where the processor gives them (PaliGemma's prefix-LM mask)
+        wanted = "token_type_ids" in getattr(processor, "model_input_names", ())
+        processor, kwargs = tokenizer, {"return_token_type_ids": True} if wanted else {}
     else:  # a flat list would be one conversation's images to some processors (Gemma3)
         kwargs = {"images": [im if isinstance(im, list | tuple) else [im] for im in images]}
     if replies is None:
