@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ("Snakefile", "workflow", "config", "profiles", "src")
+WORKFLOW_PARTS = ("Snakefile", "workflow", "config", "profiles", "src", "envs", "models")
 _IGNORE = shutil.ignore_patterns(
     "results", ".snakemake", "logs", "benchmarks", "__pycache__", "*.egg-info", ".pytest_cache"
 )

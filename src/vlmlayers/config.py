@@ -1,0 +1,61 @@
+"""Validate a workflow config against workflow/schemas/config.schema.yaml (one place for keys).
+
+Errors name the key path and what was expected; defaults from the schema are filled in.
+``vlmlayers check-config FILE`` runs the same check by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The config breaks the schema; the message names the key."""
+
+
+def _fill_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = sub["default"]
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str = "config") -> dict:
+    """Fill defaults into ``config`` in place and raise :class:`ConfigError` on the first error."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = _fill_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors[:10]:
+            key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+            lines.append(f"  {key}: {error.message}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
+    return config
+
+
+def load(path: str | os.PathLike) -> dict:
+    with open(path) as fh:
+        return validate(yaml.safe_load(fh) or {}, source=str(path))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("configfile", type=Path, help="YAML config to check")
+
+
+def run(args: argparse.Namespace) -> None:
+    config = load(args.configfile)
+    print(f"{args.configfile}: valid ({len(config.get('models', {}))} extra models)")

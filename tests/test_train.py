@@ -1,0 +1,74 @@
+"""Training: checkpoints load through Auto classes, frozen parts stay frozen, resume is exact."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmlayers.models import ModelSpec, load
+from vlmlayers.world import train
+
+
+def test_checkpoints_load_through_auto_classes(tiny_models):
+    base = load(ModelSpec(name="base", path=str(tiny_models["base"]), role="base"))
+    tuned = load(ModelSpec(name="tuned", path=str(tiny_models["tuned"]), family="llava"))
+    assert not base.is_multimodal and base.n_layers == 4
+    assert tuned.is_multimodal and tuned.n_layers == 4
+    assert tuned.image_token_id == tuned.tokenizer.convert_tokens_to_ids("<image>")
+    losses = pd.read_csv(tiny_models["tuned"] / "losses.csv")
+    assert list(losses["step"]) == [1, 2, 3, 4]
+    assert not (tiny_models["tuned"] / train.CHECKPOINT_DIR).exists()
+
+
+def test_stage1_trains_only_the_projector(tiny_models):
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    aligned = load_file(tiny_models["aligned"] / "model.safetensors")
+    vision = load_file(tiny_models["vision"] / "model.safetensors")
+    for name, value in base.items():
+        key = name.replace("model.", "model.language_model.", 1) if name != "lm_head.weight" \
+            else name
+        assert torch.equal(aligned[key], value), name
+    for name, value in vision.items():
+        assert torch.equal(aligned[f"model.vision_tower.{name}"], value), name
+    tuned = load_file(tiny_models["tuned"] / "model.safetensors")
+    projector = [k for k in aligned if "multi_modal_projector" in k]
+    assert any(not torch.equal(tuned[k], aligned[k]) for k in projector)
+
+
+def _base_args(world, out, steps):
+    return argparse.Namespace(
+        world=world, out=out, steps=steps, batch_size=4, lr=1e-3, warmup=1, seed=0,
+        checkpoint_every=2, layers=2, hidden=16, heads=2,
+    )
+
+
+def test_resume_after_crash_continues_the_same_run(tiny_world, tmp_path, monkeypatch):
+    train.train_base(_base_args(tiny_world, tmp_path / "straight", 6))
+
+    real_fit = train.fit
+
+    def crash_after_step_3(model, make_batch, out, **kw):
+        def exploding(step):
+            if step == 3:
+                raise KeyboardInterrupt("simulated kill")
+            return make_batch(step)
+
+        return real_fit(model, exploding, out, **kw)
+
+    monkeypatch.setattr(train, "fit", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
+    assert (tmp_path / "resumed" / train.CHECKPOINT_DIR / "state.pt").exists()
+    monkeypatch.setattr(train, "fit", real_fit)
+    train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
+
+    straight = pd.read_csv(tmp_path / "straight" / "losses.csv")
+    resumed = pd.read_csv(tmp_path / "resumed" / "losses.csv")
+    pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

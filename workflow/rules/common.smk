@@ -1,0 +1,134 @@
+import hashlib
+import os
+from pathlib import Path
+
+from vlmlayers.config import validate
+
+validate(config, workflow.source_path("../schemas/config.schema.yaml"), source="config")
+
+RESULTS = config["results_dir"]
+WORLD = config["world"]
+SRC = Path(workflow.basedir) / "src" / "vlmlayers"
+THREADS = max(1, workflow.cores if isinstance(workflow.cores, int) else 2)
+
+
+def code_version(*modules):
+    """Hash of the package sources a rule runs, so editing them reruns it (Snakemake's own
+    `code` trigger does not see inside the imported package)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update((SRC / module).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def pretrained(kind):
+    """Shipped tiny-world checkpoint (world.pretrained), or the one the pretrain rule writes."""
+    pre = WORLD and WORLD["pretrained"]
+    return f"{pre}/{kind}" if pre else f"{RESULTS}/models/{kind}"
+
+
+def model_specs():
+    """name -> spec: the tiny world's three checkpoints, then the config's own models."""
+    specs = {}
+    if WORLD:
+        specs["base"] = {
+            "path": pretrained("base"),
+            "role": "base",
+            "family": "llama",
+        }
+        for name in ("aligned", "tuned"):
+            specs[name] = {
+                "path": f"{RESULTS}/models/{name}",
+                "role": name,
+                "family": "llava",
+            }
+    for name, spec in config["models"].items():
+        specs[name] = {"role": "tuned", "family": None, **spec}
+    return specs
+
+
+MODELS = model_specs()
+
+
+def is_text_only(name):
+    return MODELS[name]["role"] == "base"
+
+
+def datasets():
+    if WORLD:
+        return {
+            "tinyworld": {
+                "path": f"{RESULTS}/world/analysis.parquet",
+                "on_bad_rows": "error",
+            }
+        }
+    return config["datasets"]
+
+
+DATASETS = datasets()
+BENCHMARK = (
+    f"{RESULTS}/world/test.parquet"
+    if WORLD
+    else (config["benchmark"] or {}).get("path")
+)
+
+
+def modalities(name):
+    return ["text"] if is_text_only(name) else ["image", "text"]
+
+
+def model_input(wildcards):
+    """The checkpoint a rule reads: a produced directory for tiny-world models, else nothing
+    (hub ids and external paths are not Snakemake outputs)."""
+    path = MODELS[wildcards.model]["path"]
+    return path if path.startswith(RESULTS) or Path(path).exists() else []
+
+
+def store(model, dataset, modality):
+    return f"{RESULTS}/activations/{model}/{dataset}/{modality}"
+
+
+def all_targets():
+    targets = []
+    if BENCHMARK:
+        targets += expand(f"{RESULTS}/eval/{{model}}.parquet", model=MODELS)
+    for model in MODELS:
+        for dataset in DATASETS:
+            targets.append(f"{RESULTS}/probe/{model}/{dataset}.parquet")
+            targets.append(f"{RESULTS}/geometry/{model}/{dataset}.parquet")
+    targets += figure_targets()
+    return targets
+
+
+def training_args(section):
+    """CLI flags of one training section of the world config."""
+    keys = (
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup",
+        "layers",
+        "hidden",
+        "heads",
+        "n_images",
+    )
+    return " ".join(
+        f"--{k.replace('_', '-')} {section[k]}"
+        for k in keys
+        if section.get(k) is not None
+    )
+
+
+def stores(wildcards):
+    return {
+        m: store(wildcards.model, wildcards.dataset, m)
+        for m in modalities(wildcards.model)
+    }
+
+
+def store_args(wildcards, input):
+    return " ".join(f"--{m} {getattr(input, m)}" for m in modalities(wildcards.model))
+
+
+def figure_targets():
+    return []

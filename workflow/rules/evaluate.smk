@@ -1,0 +1,29 @@
+rule evaluate:
+    input:
+        model=model_input,
+        data=BENCHMARK or [],
+    output:
+        table=f"{RESULTS}/eval/{{model}}.parquet",
+        predictions=f"{RESULTS}/eval/{{model}}.predictions.parquet",
+    log:
+        "logs/evaluate/{model}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=lambda wc: 0 if WORLD else 1,
+    params:
+        n_captions=config["prompt"]["n_captions"],
+        seed=config["seed"],
+        spec=lambda wc: MODELS[wc.model],
+        e=config["evaluate"],
+        code=code_version("evaluate.py", "prompts.py", "models.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers evaluate --model {wildcards.model:q} "
+        "--path {params.spec[path]:q} --role {params.spec[role]} --data {input.data:q} "
+        "--n-captions {params.n_captions} --batch-size {params.e[batch_size]} "
+        "--max-new-tokens {params.e[max_new_tokens]} --limit {params.e[limit]} "
+        "--seed {params.seed} --out {output.table} --predictions {output.predictions} "
+        "> {log} 2>&1"

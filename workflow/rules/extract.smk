@@ -1,0 +1,31 @@
+rule extract:
+    input:
+        model=model_input,
+        data=lambda wc: DATASETS[wc.dataset]["path"],
+    output:
+        directory(f"{RESULTS}/activations/{{model}}/{{dataset}}/{{modality}}"),
+    log:
+        "logs/extract/{model}/{dataset}/{modality}.log",
+    wildcard_constraints:
+        modality="image|text",
+    cache: "omit-software"
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=lambda wc: 0 if WORLD else 1,
+    params:
+        n_captions=config["prompt"]["n_captions"],
+        spec=lambda wc: MODELS[wc.model],
+        x=config["extract"],
+        bad=lambda wc: DATASETS[wc.dataset].get("on_bad_rows", "error"),
+        code=code_version("extract.py", "activations.py", "prompts.py", "models.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers extract --model {wildcards.model:q} "
+        "--path {params.spec[path]:q} --role {params.spec[role]} --data {input.data:q} "
+        "--modality {wildcards.modality} --out {output:q} --poolings {params.x[poolings]} "
+        "--n-captions {params.n_captions} --batch-size {params.x[batch_size]} "
+        "--shard-size {params.x[shard_size]} --store-dtype {params.x[store_dtype]} "
+        "--dtype {params.x[dtype]} --on-bad-rows {params.bad} > {log} 2>&1"

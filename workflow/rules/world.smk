@@ -1,0 +1,146 @@
+# The tiny world: data, then base LM + vision tower (shipped, or pretrained here),
+# then LLaVA stage 1 (aligned) and stage 2 (tuned).
+
+
+rule world:
+    output:
+        multiext(
+            f"{RESULTS}/world/",
+            "train.parquet",
+            "test.parquet",
+            "analysis.parquet",
+            "corpus.parquet",
+        ),
+    log:
+        "logs/world.log",
+    cache: "omit-software"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        n_captions=config["prompt"]["n_captions"],
+        out=lambda wc, output: os.path.dirname(output[0]),
+        w=WORLD,
+        code=code_version("world/scenes.py", "world/chat.py", "prompts.py"),
+    shell:
+        "vlmlayers world --out {params.out} --seed {params.w[seed]} "
+        "--image-size {params.w[image_size]} --n-train {params.w[n_train]} "
+        "--n-test {params.w[n_test]} --n-analysis {params.w[n_analysis]} "
+        "--n-corpus {params.w[n_corpus]} --n-heldout-pairs {params.w[n_heldout_pairs]} "
+        "--n-captions {params.n_captions} > {log} 2>&1"
+
+
+rule pretrain_base:
+    input:
+        world=f"{RESULTS}/world/corpus.parquet",
+    output:
+        directory(f"{RESULTS}/models/base"),
+    log:
+        "logs/pretrain_base.log",
+    cache: "omit-software"
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        seed=config["seed"],
+        world=lambda wc, input: os.path.dirname(input.world),
+        args=training_args(WORLD["base_lm"]) if WORLD else "",
+        every=WORLD["checkpoint_every"] if WORLD else 0,
+        code=code_version("world/train.py", "world/tokenizer.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers train base --world {params.world} "
+        "--out {output} {params.args} --seed {params.seed} "
+        "--checkpoint-every {params.every} > {log} 2>&1"
+
+
+rule pretrain_vision:
+    output:
+        directory(f"{RESULTS}/models/vision"),
+    log:
+        "logs/pretrain_vision.log",
+    cache: "omit-software"
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        seed=config["seed"],
+        args=training_args(WORLD["vision"]) if WORLD else "",
+        every=WORLD["checkpoint_every"] if WORLD else 0,
+        size=(
+            f"--image-size {WORLD['image_size']} --patch {WORLD['patch_size']}"
+            if WORLD
+            else ""
+        ),
+        code=code_version("world/train.py", "world/scenes.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers train vision --out {output} {params.args} "
+        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log} 2>&1"
+
+
+rule stage1:
+    input:
+        world=f"{RESULTS}/world/train.parquet",
+        base=pretrained("base"),
+        vision=pretrained("vision"),
+    output:
+        directory(f"{RESULTS}/models/aligned"),
+    log:
+        "logs/stage1.log",
+    cache: "omit-software"
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        seed=config["seed"],
+        world=lambda wc, input: os.path.dirname(input.world),
+        args=training_args(WORLD["stage1"]) if WORLD else "",
+        every=WORLD["checkpoint_every"] if WORLD else 0,
+        size=(
+            f"--image-size {WORLD['image_size']} --patch {WORLD['patch_size']}"
+            if WORLD
+            else ""
+        ),
+        code=code_version("world/train.py", "prompts.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers train stage1 --world {params.world} "
+        "--base {input.base} --vision {input.vision} --out {output} {params.args} "
+        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log} 2>&1"
+
+
+rule stage2:
+    input:
+        world=f"{RESULTS}/world/train.parquet",
+        aligned=f"{RESULTS}/models/aligned",
+    output:
+        directory(f"{RESULTS}/models/tuned"),
+    log:
+        "logs/stage2.log",
+    cache: "omit-software"
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        seed=config["seed"],
+        world=lambda wc, input: os.path.dirname(input.world),
+        args=training_args(WORLD["stage2"]) if WORLD else "",
+        every=WORLD["checkpoint_every"] if WORLD else 0,
+        code=code_version("world/train.py", "prompts.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers train stage2 --world {params.world} "
+        "--aligned {input.aligned} --out {output} {params.args} --seed {params.seed} "
+        "--checkpoint-every {params.every} > {log} 2>&1"
