@@ -41,8 +41,14 @@ def validate(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str 
     if errors:
         lines = []
         for error in errors[:10]:
-            key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-            lines.append(f"  {key}: {error.message}")
+            path = [str(p) for p in error.absolute_path]
+            if error.validator == "additionalProperties" and error.validator_value is False:
+                # Name the unknown key itself (probe.nboot), not only its parent (probe).
+                allowed = sorted(error.schema.get("properties", {}))
+                for extra in sorted(set(error.instance) - set(allowed)):
+                    lines.append(f"  {'.'.join([*path, extra])}: unknown key; allowed: {allowed}")
+                continue
+            lines.append(f"  {'.'.join(path) or '(top level)'}: {error.message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
     return config
 

@@ -46,15 +46,24 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
         return datasets.load_from_disk(str(path)).to_pandas()
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        return _positional(pd.read_parquet(path))
     if path.suffix in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
+        # dtype=False: ids such as "007" and answers such as "3" stay the strings they are.
+        frame = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
         if "image_path" in frame:
             frame["image_path"] = [
                 str(p if Path(p).is_absolute() else path.parent / p) for p in frame["image_path"]
             ]
         return frame
     raise DatasetError(f"{path}: unsupported dataset format (Parquet, JSONL or save_to_disk dir)")
+
+
+def _positional(frame: pd.DataFrame) -> pd.DataFrame:
+    """Row numbers in messages are positions in the file, whatever index pandas saved with it
+    (a filtered frame's labels, or ``set_index("id")``, which goes back to being a column)."""
+    if frame.index.equals(pd.RangeIndex(len(frame))):
+        return frame
+    return frame.reset_index(drop=all(name is None for name in frame.index.names))
 
 
 def image_of(row: pd.Series | dict) -> Image.Image:
@@ -95,13 +104,14 @@ def read_dataset(
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; has {list(frame.columns)}")
     frame["id"] = frame["id"].astype(str)
-    duplicated = frame["id"][frame["id"].duplicated()]
-    if len(duplicated):
-        first = duplicated.index[0]
-        raise DatasetError(f"{path}: row {first}: duplicate id {duplicated.iloc[0]!r}")
-    skipped, keep = [], []
+    skipped, keep, seen = [], [], {}  # seen: id -> row of the kept row with that id
     for index, row in frame.iterrows():
-        problem = _problems(row, needs_image)
+        if row["id"] in seen:
+            problem = f"duplicate id (also row {seen[row['id']]})"
+        else:
+            problem = _problems(row, needs_image)
+        if problem is None:
+            seen[row["id"]] = index
         if problem and on_bad_rows == "error":
             raise DatasetError(f"{path}: row {index} (id {row['id']!r}): {problem}")
         if problem:
