@@ -104,3 +104,17 @@ def tiny_models(tiny_world, tmp_path_factory) -> dict[str, Path]:
         ]
     )
     return paths
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The whole workflow on config/test.yaml, run locally once: (workdir, results dir)."""
+    from workflow_helpers import copy_workflow, run_snakemake
+
+    base = tmp_path_factory.mktemp("workflow")
+    workdir = copy_workflow(base / "wf")
+    results = base / "results"
+    run_snakemake(workdir, "--cores", "2", "--configfile", "config/test.yaml",
+                  "--config", f"results_dir={results}", timeout=1800,
+                  env={"SNAKEMAKE_OUTPUT_CACHE": None})
+    return workdir, results

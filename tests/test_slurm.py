@@ -87,14 +87,13 @@ def run_local_and_slurm(tmp_path: Path, setup, *args: str) -> tuple[Path, Path, 
 
 
 @pytest.mark.slurm
-def test_workflow_under_slurm_matches_local(slurm_cluster, tmp_path):
+def test_workflow_under_slurm_matches_local(slurm_cluster, workflow_run, tmp_path):
     """The real pipeline on config/test.yaml: same Parquet tables under SLURM as locally."""
-    missing = [p for p in ("Snakefile", "config/test.yaml") if not (REPO / p).exists()]
-    if missing:
-        pytest.skip(f"workflow not in place yet (missing {', '.join(missing)})")
-    local, slurm, workdir = run_local_and_slurm(
-        tmp_path, copy_workflow, "--configfile", "config/test.yaml"
-    )
+    _, local = workflow_run
+    workdir = copy_workflow(tmp_path / "wf-slurm")
+    slurm = tmp_path / "results-slurm"
+    run_snakemake(workdir, *SLURM_ARGS, "--configfile", "config/test.yaml", "--config",
+                  f"results_dir={slurm}", env=RUN_ENV, timeout=3600)
     assert _slurm_job_logs(workdir), "no job went through SLURM (no .snakemake/slurm_logs)"
     assert tables_equal(local, slurm, ignore_columns=VOLATILE_COLUMNS)
 

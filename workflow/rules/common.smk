@@ -13,7 +13,7 @@ THREADS = max(1, workflow.cores if isinstance(workflow.cores, int) else 2)
 
 
 def code_version(*modules):
-    """Hash of the package sources a rule runs, so editing them reruns it (Snakemake's own
+    """Hash of the package sources a job runs, so editing them reruns it (Snakemake's own
     `code` trigger does not see inside the imported package)."""
     digest = hashlib.sha256()
     for module in modules:
@@ -22,7 +22,7 @@ def code_version(*modules):
 
 
 def pretrained(kind):
-    """Shipped tiny-world checkpoint (world.pretrained), or the one the pretrain rule writes."""
+    """Shipped tiny-world checkpoint (world.pretrained), or the one pretrain_{kind} writes."""
     pre = WORLD and WORLD["pretrained"]
     return f"{pre}/{kind}" if pre else f"{RESULTS}/models/{kind}"
 
@@ -78,7 +78,7 @@ def modalities(name):
 
 
 def model_input(wildcards):
-    """The checkpoint a rule reads: a produced directory for tiny-world models, else nothing
+    """The checkpoint a job reads: a produced directory for tiny-world models, else nothing
     (hub ids and external paths are not Snakemake outputs)."""
     path = MODELS[wildcards.model]["path"]
     return path if path.startswith(RESULTS) or Path(path).exists() else []
