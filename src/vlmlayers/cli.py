@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "probe": "vlmlayers.probe",
     "geometry": "vlmlayers.geometry",
     "plot": "vlmlayers.plots",
+    "claims": "vlmlayers.claims",
     "check-config": "vlmlayers.config",
 }
 

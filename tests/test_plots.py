@@ -1,0 +1,166 @@
+"""Figures: every kind renders PNG + SVG from small synthetic tables, and from empty ones."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlmlayers import cli
+from vlmlayers.plots import FIGURES, NOT_MEASURED, model_palette, variant_palette
+
+DEPTHS = np.arange(1, 7)  # 6 layers, layer 0 skipped as for the last pooling
+
+
+def probe_table() -> pd.DataFrame:
+    rows = []
+    conditions = [("image", "image"), ("text", "text"), ("text", "image")]
+    for model, (mtr, mte), label, seed, layer in itertools.product(
+        ["aligned", "tuned"], conditions, ["colour", "shape"], [0, 1], DEPTHS
+    ):
+        acc = 0.3 + 0.1 * layer / 6 + (0.2 if model == "tuned" else 0) + 0.01 * seed
+        rows.append(
+            {"layer": layer, "relative_depth": layer / 6, "model": model, "modality_train": mtr,
+             "modality_test": mte, "pooling": "last", "label": label, "accuracy": acc,
+             "ci_low": acc - 0.05, "ci_high": acc + 0.05, "control": 0.25,
+             "selectivity": acc - 0.25, "chance": 0.25, "n": 50, "seed": seed, "value": acc}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def geometry_table() -> pd.DataFrame:
+    rows = []
+
+    def add(model, modality, metric, scale, value, ci=0.02):
+        for layer in DEPTHS:
+            v = value(layer)
+            rows.append(
+                {"layer": layer, "relative_depth": layer / 6, "model": model,
+                 "modality": modality, "pooling": "last", "metric": metric, "scale": scale,
+                 "value": v, "ci_low": v - ci, "ci_high": v + ci, "n": 100, "seed": 0}
+            )  # fmt: skip
+
+    for model in ("base", "aligned", "tuned"):
+        modalities = ["text"] if model == "base" else ["image", "text"]
+        for modality in modalities:
+            add(model, modality, "id_twonn", np.nan, lambda layer: 3 + np.sin(layer), ci=np.nan)
+            for scale in (16.0, 32.0):
+                add(model, modality, "id_gride", scale, lambda layer: 4 + np.sin(layer / 2))
+            add(model, modality, "baseline_overlap:question_type", 30.0, lambda layer: 0.3)
+        if model != "base":
+            gain = 0.1 if model == "tuned" else 0.0
+            add(model, "image~text", "neighbour_overlap", 30.0, lambda layer, g=gain: 0.1 + g)
+    return pd.DataFrame(rows)
+
+
+def eval_table() -> pd.DataFrame:
+    rows = []
+    for (model, role), modality, task, subset in itertools.product(
+        [("base", "base"), ("aligned", "aligned"), ("tuned", "tuned"), ("ft-middle", "variant")],
+        ["image", "text"], ["vision", "knowledge"], ["all", "seen"],
+    ):  # fmt: skip
+        if role == "base" and modality == "image":
+            continue
+        for metric, v in (("accuracy", 0.5), ("answer_logprob", -1.0)):
+            rows.append(
+                {"model": model, "role": role, "modality": modality, "task": task,
+                 "subset": subset, "metric": metric, "value": v, "ci_low": v - 0.1,
+                 "ci_high": v + 0.1, "n": 40, "seed": 0}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def intervention_table() -> pd.DataFrame:
+    rows = []
+    for name, model, task, start in itertools.product(
+        ["knockout", "transplant"], ["aligned", "tuned"], ["vision", "knowledge"], [0, 2, 4]
+    ):
+        delta = -0.2 if start == 2 else 0.01
+        rows.append(
+            {"intervention": name, "window_start": start, "window_end": start + 1,
+             "relative_depth": start / 6, "model": model, "task": task, "metric": "accuracy",
+             "value": 0.6 + delta, "delta": delta, "ci_low": delta - 0.05,
+             "ci_high": delta + 0.05, "n": 40}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def finetune_table() -> pd.DataFrame:
+    rows = []
+    variants = {"full": (None, 10.0), "middle": ("0.33-0.67", 6.0), "early": ("0-0.33", 5.0)}
+    for (variant, (band, secs)), seed, task, modality in itertools.product(
+        variants.items(), [0, 1], ["vision", "knowledge"], ["image", "text"]
+    ):
+        acc = 0.8 - (0.02 if variant == "middle" else 0.0) - 0.1 * (variant == "early")
+        rows.append(
+            {"variant": variant, "band": band, "seed": seed, "trainable_params": 1000,
+             "train_seconds": secs * 100, "step_seconds": secs / 10, "peak_mem_mb": 500.0,
+             "task": task, "modality": modality, "accuracy": acc, "ci_low": acc - 0.04,
+             "ci_high": acc + 0.04}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+TABLES = {
+    "probe": probe_table,
+    "id": geometry_table,
+    "overlap": geometry_table,
+    "eval": eval_table,
+    "intervention": intervention_table,
+    "finetune": finetune_table,
+}
+
+
+def test_every_figure_kind_has_a_synthetic_table():
+    assert set(TABLES) == set(FIGURES)
+
+
+def draw(tmp_path, kind: str, table: pd.DataFrame, *extra: str):
+    src = tmp_path / f"{kind}.parquet"
+    table.to_parquet(src, index=False)
+    out = tmp_path / "fig" / f"{kind}.png"
+    cli.main(["plot", "--figure", kind, "--table", str(src), "--out", str(out), *extra])
+    svg = out.with_suffix(".svg")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 5000
+    text = svg.read_text()
+    assert text.lstrip().startswith("<?xml") and "<svg" in text
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    return text
+
+
+@pytest.mark.parametrize("kind", sorted(TABLES))
+def test_figure_from_synthetic_table(tmp_path, kind):
+    svg = draw(tmp_path, kind, TABLES[kind]())
+    assert NOT_MEASURED not in svg
+    if kind in ("probe", "id", "overlap"):
+        assert "relative depth" in svg
+
+
+@pytest.mark.parametrize("kind", sorted(TABLES))
+def test_figure_from_empty_table_says_not_measured(tmp_path, kind):
+    empty = TABLES[kind]().iloc[:0]
+    svg = draw(tmp_path, kind, empty)
+    assert NOT_MEASURED in svg
+
+
+def test_figure_without_the_needed_rows_says_why(tmp_path):
+    geometry = geometry_table()
+    svg = draw(tmp_path, "overlap", geometry[geometry["metric"] != "neighbour_overlap"])
+    assert NOT_MEASURED in svg and "neighbour_overlap" in svg
+    svg = draw(tmp_path, "probe", probe_table(), "--pooling", "mean_image")
+    assert NOT_MEASURED in svg and "mean_image" in svg
+    svg = draw(tmp_path, "id", geometry.assign(value=np.nan))
+    assert NOT_MEASURED in svg and "finite" in svg
+
+
+def test_colours_follow_roles_and_are_distinct():
+    roles = {"base": "base", "aligned": "aligned", "tuned": "tuned", "v1": "variant"}
+    palette = model_palette(roles)
+    assert len({palette[m] for m in roles}) == 4
+    two = model_palette({"llava-a": "tuned", "llava-b": "tuned", "aligned": "aligned"})
+    assert two["llava-a"] != two["llava-b"] and two["aligned"] == palette["aligned"]
+    variants = variant_palette(["full", "middle", "odd-one"])
+    assert variants["full"] == palette["tuned"] and len(set(variants.values())) == 3
