@@ -8,11 +8,15 @@ min_version("9.20")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/plots.smk"
 
 
 rule all:

@@ -114,7 +114,15 @@ def workflow_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("workflow")
     workdir = copy_workflow(base / "wf")
     results = base / "results"
-    run_snakemake(workdir, "--cores", "2", "--configfile", "config/test.yaml",
-                  "--config", f"results_dir={results}", timeout=1800,
-                  env={"SNAKEMAKE_OUTPUT_CACHE": None})
+    run_snakemake(
+        workdir,
+        "--cores",
+        "2",
+        "--configfile",
+        "config/test.yaml",
+        "--config",
+        f"results_dir={results}",
+        timeout=1800,
+        env={"SNAKEMAKE_OUTPUT_CACHE": None},
+    )
     return workdir, results

@@ -45,12 +45,39 @@ def test_answer_logprob_is_the_sum_over_answer_tokens(tiny_models, tiny_world):
 
 def test_evaluate_cli_writes_tidy_table(tiny_models, tiny_world, tmp_path):
     out, predictions = tmp_path / "eval.parquet", tmp_path / "pred.parquet"
-    main(["evaluate", "--model", "tuned", "--path", str(tiny_models["tuned"]), "--role", "tuned",
-          "--data", str(tiny_world / "test.parquet"), "--out", str(out),
-          "--predictions", str(predictions), "--max-new-tokens", "2"])
+    main(
+        [
+            "evaluate",
+            "--model",
+            "tuned",
+            "--path",
+            str(tiny_models["tuned"]),
+            "--role",
+            "tuned",
+            "--data",
+            str(tiny_world / "test.parquet"),
+            "--out",
+            str(out),
+            "--predictions",
+            str(predictions),
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     table = pd.read_parquet(out)
-    assert {"model", "role", "modality", "task", "subset", "metric", "value", "ci_low",
-            "ci_high", "n", "seed"} <= set(table.columns)
+    assert {
+        "model",
+        "role",
+        "modality",
+        "task",
+        "subset",
+        "metric",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n",
+        "seed",
+    } <= set(table.columns)
     assert set(table["modality"]) == {"image", "text"}
     assert set(table["task"]) == {"vision", "knowledge"}
     scored = pd.read_parquet(predictions)
@@ -65,6 +92,21 @@ def test_evaluate_cli_writes_tidy_table(tiny_models, tiny_world, tmp_path):
 
 def test_text_only_model_is_scored_in_text_form(tiny_models, tiny_world, tmp_path):
     out = tmp_path / "base.parquet"
-    main(["evaluate", "--model", "base", "--path", str(tiny_models["base"]), "--role", "base",
-          "--data", str(tiny_world / "test.parquet"), "--out", str(out), "--limit", "8"])
+    main(
+        [
+            "evaluate",
+            "--model",
+            "base",
+            "--path",
+            str(tiny_models["base"]),
+            "--role",
+            "base",
+            "--data",
+            str(tiny_world / "test.parquet"),
+            "--out",
+            str(out),
+            "--limit",
+            "8",
+        ]
+    )
     assert set(pd.read_parquet(out)["modality"]) == {"text"}

@@ -21,9 +21,26 @@ from vlmlayers.models import ModelSpec, load
 
 
 def _extract(model_dir, data, out, modality="image", *extra):
-    main(["extract", "--model", "m", "--path", str(model_dir), "--data", str(data),
-          "--modality", modality, "--out", str(out), "--batch-size", "8", "--shard-size", "16",
-          *extra])
+    main(
+        [
+            "extract",
+            "--model",
+            "m",
+            "--path",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--modality",
+            modality,
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--shard-size",
+            "16",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +90,29 @@ def test_text_modality_has_no_image_pooling(tiny_models, tiny_world, tmp_path):
     assert X.shape == (48, 32)
 
 
-def test_kill_minus_nine_then_rerun_is_byte_identical(extracted, tiny_models, tiny_world,
-                                                      tmp_path):
+def test_kill_minus_nine_then_rerun_is_byte_identical(extracted, tiny_models, tiny_world, tmp_path):
     out = tmp_path / "image"
     partial = out.with_name("image.partial")
-    cmd = [sys.executable, "-m", "vlmlayers.cli", "extract", "--model", "m", "--path",
-           str(tiny_models["tuned"]), "--data", str(tiny_world / "analysis.parquet"),
-           "--modality", "image", "--out", str(out), "--batch-size", "8", "--shard-size", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmlayers.cli",
+        "extract",
+        "--model",
+        "m",
+        "--path",
+        str(tiny_models["tuned"]),
+        "--data",
+        str(tiny_world / "analysis.parquet"),
+        "--modality",
+        "image",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--shard-size",
+        "16",
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_shard = activations.shard_path(partial, "residual", 4, 0)
     deadline = time.time() + 120
@@ -124,7 +157,8 @@ def test_bad_rows_skipped_and_reported_when_configured(tiny_models, tiny_world, 
 
 
 def test_nan_activations_are_refused(tmp_path):
-    activations.write_shard(tmp_path, "residual", 1, 0, ["a", "b"],
-                            {"last": np.array([[0.0, 1.0], [np.nan, 2.0]])})
+    activations.write_shard(
+        tmp_path, "residual", 1, 0, ["a", "b"], {"last": np.array([[0.0, 1.0], [np.nan, 2.0]])}
+    )
     with pytest.raises(ValueError, match="layer 1.*first id 'b'"):
         activations.load(tmp_path, 1, "last")

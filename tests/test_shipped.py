@@ -23,8 +23,7 @@ def test_weights_match_manifest(kind):
 
 
 def test_base_loads_with_the_world_tokenizer():
-    loaded = load(ModelSpec(name="base", path=str(SHIPPED / "base"), role="base",
-                            family="llama"))
+    loaded = load(ModelSpec(name="base", path=str(SHIPPED / "base"), role="base", family="llama"))
     assert loaded.n_layers == 12
     vocab = set(loaded.tokenizer.get_vocab())
     assert vocab >= set(scenes.vocabulary_texts()[0].split())
@@ -35,10 +34,20 @@ def test_base_loads_with_the_world_tokenizer():
 
 def test_pretraining_reproduces_the_first_recorded_losses(tmp_path):
     manifest = json.loads((SHIPPED / "base" / "training.json").read_text())["params"]
-    scenes.build(tmp_path / "world", seed=0, image_size=32, n_train=4000, n_test=700,
-                 n_analysis=1000, n_corpus=20000, n_heldout_pairs=4, n_captions=2)
-    args = argparse.Namespace(**{**manifest, "world": tmp_path / "world",
-                                 "out": tmp_path / "base", "steps": 3})
+    scenes.build(
+        tmp_path / "world",
+        seed=0,
+        image_size=32,
+        n_train=4000,
+        n_test=700,
+        n_analysis=1000,
+        n_corpus=20000,
+        n_heldout_pairs=4,
+        n_captions=2,
+    )
+    args = argparse.Namespace(
+        **{**manifest, "world": tmp_path / "world", "out": tmp_path / "base", "steps": 3}
+    )
     # the schedule depends on the total steps: compare the warm-up steps, where it does not
     args.warmup = manifest["warmup"]
     train.train_base(args)

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from workflow_helpers import REPO, copy_workflow, run_snakemake, tables_equal
+from workflow_helpers import copy_workflow, run_snakemake, tables_equal
 
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 START_HINT = "start one with `.ci/slurm/start.sh` (as root)"
@@ -92,8 +92,16 @@ def test_workflow_under_slurm_matches_local(slurm_cluster, workflow_run, tmp_pat
     _, local = workflow_run
     workdir = copy_workflow(tmp_path / "wf-slurm")
     slurm = tmp_path / "results-slurm"
-    run_snakemake(workdir, *SLURM_ARGS, "--configfile", "config/test.yaml", "--config",
-                  f"results_dir={slurm}", env=RUN_ENV, timeout=3600)
+    run_snakemake(
+        workdir,
+        *SLURM_ARGS,
+        "--configfile",
+        "config/test.yaml",
+        "--config",
+        f"results_dir={slurm}",
+        env=RUN_ENV,
+        timeout=3600,
+    )
     assert _slurm_job_logs(workdir), "no job went through SLURM (no .snakemake/slurm_logs)"
     assert tables_equal(local, slurm, ignore_columns=VOLATILE_COLUMNS)
 

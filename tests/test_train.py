@@ -29,8 +29,9 @@ def test_stage1_trains_only_the_projector(tiny_models):
     aligned = load_file(tiny_models["aligned"] / "model.safetensors")
     vision = load_file(tiny_models["vision"] / "model.safetensors")
     for name, value in base.items():
-        key = name.replace("model.", "model.language_model.", 1) if name != "lm_head.weight" \
-            else name
+        key = (
+            name.replace("model.", "model.language_model.", 1) if name != "lm_head.weight" else name
+        )
         assert torch.equal(aligned[key], value), name
     for name, value in vision.items():
         assert torch.equal(aligned[f"model.vision_tower.{name}"], value), name
@@ -41,8 +42,17 @@ def test_stage1_trains_only_the_projector(tiny_models):
 
 def _base_args(world, out, steps):
     return argparse.Namespace(
-        world=world, out=out, steps=steps, batch_size=4, lr=1e-3, warmup=1, seed=0,
-        checkpoint_every=2, layers=2, hidden=16, heads=2,
+        world=world,
+        out=out,
+        steps=steps,
+        batch_size=4,
+        lr=1e-3,
+        warmup=1,
+        seed=0,
+        checkpoint_every=2,
+        layers=2,
+        hidden=16,
+        heads=2,
     )
 
 

@@ -15,8 +15,9 @@ def _planned(workdir, results, *extra) -> str:
 
 def test_every_table_is_produced(workflow_run):
     _, results = workflow_run
-    evals = {m: pd.read_parquet(results / "eval" / f"{m}.parquet")
-             for m in ("base", "aligned", "tuned")}
+    evals = {
+        m: pd.read_parquet(results / "eval" / f"{m}.parquet") for m in ("base", "aligned", "tuned")
+    }
     assert set(evals["base"]["modality"]) == {"text"}
     assert set(evals["tuned"]["modality"]) == {"image", "text"}
     for model in ("base", "aligned", "tuned"):
@@ -59,6 +60,7 @@ def test_geometry_code_edit_reruns_only_geometry(workflow_run):
 
 def test_lint_is_clean(workflow_run):
     workdir, results = workflow_run
-    result = run_snakemake(workdir, "--lint", "--configfile", "config/test.yaml",
-                           "--config", f"results_dir={results}")
+    result = run_snakemake(
+        workdir, "--lint", "--configfile", "config/test.yaml", "--config", f"results_dir={results}"
+    )
     assert "Lints for" not in result.stdout + result.stderr

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -130,5 +131,32 @@ def store_args(wildcards, input):
     return " ".join(f"--{m} {getattr(input, m)}" for m in modalities(wildcards.model))
 
 
+# figure kind -> the tables it reads
+FIGURES = {"probe": "probe", "id": "geometry", "overlap": "geometry", "eval": "eval"}
+
+
+def analysis_tables(kind):
+    """Every table of one kind the config produces (eval: per model; others: per model x data)."""
+    if kind == "eval":
+        return (
+            expand(f"{RESULTS}/eval/{{model}}.parquet", model=MODELS)
+            if BENCHMARK
+            else []
+        )
+    return expand(
+        f"{RESULTS}/{kind}/{{model}}/{{dataset}}.parquet",
+        model=MODELS,
+        dataset=DATASETS,
+    )
+
+
+def roles_args():
+    return "--roles " + " ".join(
+        f"{name}={spec['role']}" for name, spec in MODELS.items()
+    )
+
+
 def figure_targets():
-    return []
+    return [f"{RESULTS}/figures/{kind}.png" for kind in FIGURES] + [
+        f"{RESULTS}/claims.md"
+    ]

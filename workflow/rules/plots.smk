@@ -1,0 +1,62 @@
+# Figures (report outputs with captions) and the claims table.
+
+
+for kind, table_kind in FIGURES.items():
+
+    rule:
+        name:
+            f"figure_{kind}"
+        input:
+            tables=analysis_tables(table_kind),
+        output:
+            png=report(
+                f"{RESULTS}/figures/{kind}.png",
+                caption=f"../report/{kind}.rst",
+                category="Figures",
+            ),
+            svg=f"{RESULTS}/figures/{kind}.svg",
+        log:
+            f"logs/figures/{kind}.log",
+        conda:
+            "../../envs/plot.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        params:
+            kind=kind,
+            roles=roles_args(),
+            code=code_version("plots.py"),
+        shell:
+            "vlmlayers plot --figure {params.kind} --table {input.tables} --out {output.png} "
+            "{params.roles} > {log} 2>&1"
+
+
+rule claims:
+    input:
+        geometry=analysis_tables("geometry"),
+        probe=analysis_tables("probe"),
+        eval=analysis_tables("eval"),
+    output:
+        parquet=f"{RESULTS}/claims.parquet",
+        md=report(
+            f"{RESULTS}/claims.md", caption="../report/claims.rst", category="Claims"
+        ),
+        criteria=f"{RESULTS}/claims.criteria.json",
+    log:
+        "logs/claims.log",
+    conda:
+        "../../envs/plot.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        roles=roles_args(),
+        criteria=json.dumps({"claims": config["claims"]}),
+        code=code_version("claims.py"),
+    shell:
+        "printf '%s' {params.criteria:q} > {output.criteria} && "
+        "vlmlayers claims --geometry {input.geometry} --probe {input.probe} "
+        "--eval {input.eval} --criteria {output.criteria} {params.roles} "
+        "--out-parquet {output.parquet} --out-md {output.md} > {log} 2>&1"
