@@ -11,6 +11,7 @@ import pytest
 
 from vlmlayers.io import hash_tree
 from vlmlayers.models import ModelSpec, load
+from vlmlayers.runtime import seed_everything
 from vlmlayers.world import scenes, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tinyworld"
@@ -50,6 +51,7 @@ def test_pretraining_reproduces_the_first_recorded_losses(tmp_path):
     )
     # the schedule depends on the total steps: compare the warm-up steps, where it does not
     args.warmup = manifest["warmup"]
+    seed_everything(manifest["seed"])  # as `vlmlayers train` does before building the model
     train.train_base(args)
     recorded = pd.read_csv(SHIPPED / "base" / "losses.csv").head(3)
     rerun = pd.read_csv(tmp_path / "base" / "losses.csv")
