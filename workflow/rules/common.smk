@@ -10,7 +10,7 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"), source="
 RESULTS = config["results_dir"]
 WORLD = config["world"]
 SRC = Path(workflow.basedir) / "src" / "vlmlayers"
-THREADS = max(1, workflow.cores if isinstance(workflow.cores, int) else 2)
+THREADS = config["threads"]
 
 
 def code_version(*modules):
