@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "extract": "vlmlayers.extract",
     "probe": "vlmlayers.probe",
     "geometry": "vlmlayers.geometry",
+    "intervene": "vlmlayers.intervene",
     "plot": "vlmlayers.plots",
     "claims": "vlmlayers.claims",
     "check-config": "vlmlayers.config",
