@@ -167,17 +167,7 @@ def train_base(args: argparse.Namespace) -> None:
         return {**batch, "labels": labels}
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log = fit(
-        model,
-        make_batch,
-        args.out,
-        steps=args.steps,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        desc="base LM",
-    )
+    log = fit(model, make_batch, args.out, desc="base LM", **schedule(args))
     finish(model, tokenizer, args.out, log, _meta(args, "base"))
 
 
@@ -239,17 +229,7 @@ def train_vision(args: argparse.Namespace) -> None:
         return {"pixel_values": pixels[rows], "labels": {a: t[rows] for a, t in targets.items()}}
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log = fit(
-        model,
-        make_batch,
-        args.out,
-        steps=args.steps,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        desc="vision tower",
-    )
+    log = fit(model, make_batch, args.out, desc="vision tower", **schedule(args))
     finish(model.tower, processor.image_processor, args.out, log, _meta(args, "vision"))
 
 
@@ -303,59 +283,42 @@ def freeze_except(model: nn.Module, trainable: list[nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_stage1(args: argparse.Namespace) -> None:
-    model, processor = compose_llava(args.base, args.vision, args.image_size, args.patch)
-    n_trainable = freeze_except(model, [model.model.multi_modal_projector])
+def train_vlm(model, processor, trainable: list[nn.Module], args, task: str, role: str) -> None:
+    """Stage 1 or 2: train ``trainable`` modules on the world's ``task`` batches, then save."""
+    n_trainable = freeze_except(model, trainable)
     data = pd.read_parquet(args.world / "train.parquet")
-    make_batch = vlm_batches(processor, data, args.seed, args.batch_size, "caption")
+    make_batch = vlm_batches(processor, data, args.seed, args.batch_size, task)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = fit(
-        model,
-        make_batch,
-        args.out,
-        steps=args.steps,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        desc="stage 1 (aligned)",
-    )
-    finish(
-        model, processor, args.out, log, {**_meta(args, "aligned"), "trainable_params": n_trainable}
-    )
+    log = fit(model, make_batch, args.out, desc=f"{task} ({role})", **schedule(args))
+    finish(model, processor, args.out, log, {**_meta(args, role), "trainable_params": n_trainable})
+
+
+def train_stage1(args: argparse.Namespace) -> None:
+    """LLaVA stage 1: the projector alone learns to caption; LM and tower stay frozen."""
+    model, processor = compose_llava(args.base, args.vision, args.image_size, args.patch)
+    train_vlm(model, processor, [model.model.multi_modal_projector], args, "caption", "aligned")
 
 
 def train_stage2(args: argparse.Namespace) -> None:
+    """LLaVA stage 2: projector + the whole LM on image-form VQA; the tower stays frozen."""
     from vlmlayers.models import ModelSpec, load
 
     loaded = load(ModelSpec(name="aligned", path=str(args.aligned), role="aligned"))
-    model, processor = loaded.model, loaded.processor
-    n_trainable = freeze_except(
-        model,
-        [
-            loaded.projector,
-            loaded.module(loaded.paths.layers),
-            loaded.module(loaded.paths.embeddings),
-            loaded.module(loaded.paths.final_norm),
-            loaded.module(loaded.paths.lm_head),
-        ],
-    )
-    data = pd.read_parquet(args.world / "train.parquet")
-    make_batch = vlm_batches(processor, data, args.seed, args.batch_size, "vqa")
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = fit(
-        model,
-        make_batch,
-        args.out,
+    paths = loaded.paths
+    trainable = [loaded.projector] + [
+        loaded.module(p) for p in (paths.layers, paths.embeddings, paths.final_norm, paths.lm_head)
+    ]
+    train_vlm(loaded.model, loaded.processor, trainable, args, "vqa", "tuned")
+
+
+def schedule(args: argparse.Namespace) -> dict:
+    """The optimisation settings every training step shares (``fit`` keyword arguments)."""
+    return dict(
         steps=args.steps,
         lr=args.lr,
         warmup=args.warmup,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
-        desc="stage 2 (tuned)",
-    )
-    finish(
-        model, processor, args.out, log, {**_meta(args, "tuned"), "trainable_params": n_trainable}
     )
 
 
