@@ -8,8 +8,10 @@ ci_low, ci_high, n, seed) and, optionally, the per-sample predictions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +82,12 @@ def score_rows(
     batch_size: int = 32,
     max_new_tokens: int = 5,
     desc: str = "",
+    scoring_context: Callable[[dict], contextlib.AbstractContextManager] | None = None,
 ) -> pd.DataFrame:
-    """Per-sample prediction, correctness and answer log-probability."""
+    """Per-sample prediction, correctness and answer log-probability.
+
+    ``scoring_context(batch)``, when given, wraps the teacher-forced pass (interventions use it
+    to learn where each prompt ends)."""
     results = []
     for start in tqdm(
         range(0, len(data), batch_size), desc=desc or f"eval {modality}", unit="batch", leave=False
@@ -90,9 +96,9 @@ def score_rows(
         prediction = generate_answers(
             loaded, prompts.encode_rows(loaded, rows, modality, n_captions), max_new_tokens
         )
-        logprob = answer_logprob(
-            loaded, prompts.encode_rows(loaded, rows, modality, n_captions, rows["answer"].tolist())
-        )
+        full = prompts.encode_rows(loaded, rows, modality, n_captions, rows["answer"].tolist())
+        with scoring_context(full) if scoring_context else contextlib.nullcontext():
+            logprob = answer_logprob(loaded, full)
         for (_, row), pred, lp in zip(rows.iterrows(), prediction, logprob.tolist(), strict=True):
             results.append(
                 {

@@ -431,40 +431,20 @@ def windows(n: int, width: int, stride: int, mode: str = "sliding") -> list[tupl
 
 
 @torch.no_grad()
-def score_rows(
-    loaded: LoadedModel,
-    data: pd.DataFrame,
-    modality: str,
-    *,
-    n_captions: int = 2,
-    batch_size: int = 32,
-    max_new_tokens: int = 5,
-) -> pd.DataFrame:
-    """:func:`vlmlayers.evaluate.score_rows`, telling the interventions where each row's prompt
-    ends in the teacher-forced pass (``queries="last"`` needs it)."""
-    results = []
-    for start in range(0, len(data), batch_size):
-        rows = data.iloc[start : start + batch_size]
-        batch = prompts.encode_rows(loaded, rows, modality, n_captions)
-        prediction = evaluate.generate_answers(loaded, batch, max_new_tokens)
-        full = prompts.encode_rows(loaded, rows, modality, n_captions, rows["answer"].tolist())
-        first_reply = (full["labels"] != -100).int().argmax(1)
-        token = _PROMPT_END.set(first_reply - 1)
-        try:
-            logprob = evaluate.answer_logprob(loaded, full)
-        finally:
-            _PROMPT_END.reset(token)
-        for (_, row), pred, lp in zip(rows.iterrows(), prediction, logprob.tolist(), strict=True):
-            results.append(
-                {
-                    "id": row["id"],
-                    "modality": modality,
-                    "prediction": pred,
-                    "correct": evaluate.exact_match(pred, row["answer"]),
-                    "answer_logprob": lp,
-                }
-            )
-    return pd.DataFrame(results)
+@contextlib.contextmanager
+def _prompt_end_of(batch: dict):
+    """Tell the interventions where each row's prompt ends (``queries="last"`` needs it)."""
+    first_reply = (batch["labels"] != -100).int().argmax(1)
+    token = _PROMPT_END.set(first_reply - 1)
+    try:
+        yield
+    finally:
+        _PROMPT_END.reset(token)
+
+
+def score_rows(loaded: LoadedModel, data: pd.DataFrame, modality: str, **kwargs) -> pd.DataFrame:
+    """:func:`vlmlayers.evaluate.score_rows` with the prompt end known to the interventions."""
+    return evaluate.score_rows(loaded, data, modality, scoring_context=_prompt_end_of, **kwargs)
 
 
 def context_for(
