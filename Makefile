@@ -33,6 +33,9 @@ test: setup
 	$(BIN)/pytest -q -rs
 
 bench: setup
+	@# the extraction benchmark times the tiny world's tuned VLM on its analysis set
+	snakemake --cores all results/models/tuned results/world/analysis.parquet
+	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_probe.py
 	$(BIN)/python benchmarks/bench_geometry.py
 	@echo "Benchmarks written to results/bench/"

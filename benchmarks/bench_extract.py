@@ -5,7 +5,7 @@ extraction (hooks + pooling + Parquet shards) takes at most 1.10x the reference'
 peak resident memory is the same (within 10%) at N and 4N samples, i.e. it streams. Each
 measurement runs in a fresh process so peak RSS is its own. Writes ``results/bench/extract.json``.
 
-    python benchmarks/bench_extract.py --n 256          # model: the tiny world's tuned VLM
+    python benchmarks/bench_extract.py --n 200          # model: the tiny world's tuned VLM
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "results/models/tuned"))
     parser.add_argument("--data", default=str(ROOT / "results/world/analysis.parquet"))
-    parser.add_argument("--n", type=int, default=256, help="smaller size; the larger is 4n")
+    parser.add_argument("--n", type=int, default=200, help="smaller size; the larger is 4n")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench/extract.json")
     parser.add_argument("--_child", choices=["forward", "extract"], help=argparse.SUPPRESS)
