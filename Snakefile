@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.20")
 
 
-configfile: "config/config.yaml"
+# A --configfile replaces the default config instead of being merged into it (a merge would add
+# the default's models, runs and variants to every other config); --config key=value still edits.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -16,6 +20,8 @@ include: "workflow/rules/world.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/intervene.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/plots.smk"
 
 

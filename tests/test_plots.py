@@ -73,18 +73,39 @@ def eval_table() -> pd.DataFrame:
 
 
 def intervention_table() -> pd.DataFrame:
+    """As ``vlmlayers intervene`` writes it: baseline rows (window -1), then one row per window."""
+    sweeps = [
+        ("knockout", "text", None, "sliding"),
+        ("knockout", "last", None, "sliding"),
+        ("transplant", None, "tuned", "sliding"),
+        ("transplant", None, "tuned", "cumulative-top"),
+    ]
     rows = []
-    for name, model, task, start in itertools.product(
-        ["knockout", "transplant"], ["aligned", "tuned"], ["vision", "knowledge"], [0, 2, 4]
+    for (name, queries, donor, mode), model, task, subset, start in itertools.product(
+        sweeps, ["aligned", "tuned"], ["vision", "knowledge"], ["all", "seen"], [-1, 0, 2, 4]
     ):
-        delta = -0.2 if start == 2 else 0.01
+        delta = 0.0 if start < 0 else (-0.2 if start == 2 else 0.01)
         rows.append(
-            {"intervention": name, "window_start": start, "window_end": start + 1,
-             "relative_depth": start / 6, "model": model, "task": task, "metric": "accuracy",
-             "value": 0.6 + delta, "delta": delta, "ci_low": delta - 0.05,
-             "ci_high": delta + 0.05, "n": 40}
+            {"intervention": name, "window_start": start, "window_end": start + 1 if start >= 0
+             else -1, "relative_depth": (start + 0.5) / 6 if start >= 0 else np.nan,
+             "model": model, "modality": "image", "task": task, "subset": subset,
+             "metric": "accuracy", "value": 0.6 + delta, "baseline": 0.6, "delta": delta,
+             "ci_low": 0.55 + delta, "ci_high": 0.65 + delta, "n": 40, "seed": 0,
+             "mode": mode, "queries": queries, "donor": donor}
         )  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def test_intervention_panels_tell_sweeps_apart(tmp_path):
+    svg = draw(tmp_path, "intervention", intervention_table())
+    for title in (
+        "knockout, text queries",
+        "knockout, last queries",
+        "transplant, from tuned",
+        "transplant, from tuned, cumulative-top",
+    ):
+        assert title in svg
+    assert "L2-3" in svg and "L-1--1" not in svg  # window columns, no baseline column
 
 
 def finetune_table() -> pd.DataFrame:

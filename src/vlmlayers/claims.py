@@ -38,7 +38,10 @@ whole config file can be passed). Claim ids: ``bridge`` (1), ``semantic_core`` (
             band: middle
           - table: intervention
             intervention: knockout
+            queries: text
+            modality: image
             task: vision
+            subset: all
             metric: accuracy
             role: tuned
             column: delta
@@ -65,8 +68,10 @@ whole config file can be passed). Claim ids: ``bridge`` (1), ``semantic_core`` (
       selective_ft:            # 4. tuning only the middle band keeps full FT's vision score
         tests:
           - table: finetune
+            comparison: equal_steps          # final models (equal_time: at the same training time)
             task: vision
             modality: image
+            subset: all
             statistic: within_and_faster
             variant: middle
             reference: full
@@ -139,12 +144,14 @@ TABLES: dict[str, tuple[str, ...]] = {
         "n", "seed",
     ),
     "intervention": (
-        "intervention", "window_start", "window_end", "relative_depth", "model", "task",
-        "metric", "value", "delta", "ci_low", "ci_high", "n",
+        "intervention", "window_start", "window_end", "relative_depth", "model", "role",
+        "modality", "task", "subset", "metric", "value", "baseline", "delta", "ci_low", "ci_high",
+        "n", "seed", "mode", "queries", "donor",
     ),
     "finetune": (
-        "variant", "band", "seed", "trainable_params", "train_seconds", "step_seconds",
-        "peak_mem_mb", "task", "modality", "accuracy", "ci_low", "ci_high",
+        "variant", "band", "layers", "seed", "comparison", "step", "trainable_params",
+        "train_seconds", "step_seconds", "samples_per_second", "peak_mem_mb", "modality", "task",
+        "subset", "accuracy", "ci_low", "ci_high", "n", "answer_logprob",
     ),
 }  # fmt: skip
 # Columns that name a condition: rows left after filtering must agree on each (else the test
@@ -153,8 +160,10 @@ CONDITIONS: dict[str, tuple[str, ...]] = {
     "geometry": ("modality", "pooling", "metric", "scale"),
     "probe": ("modality_train", "modality_test", "pooling"),
     "eval": ("modality", "task", "subset", "metric"),
-    "intervention": ("intervention", "task", "metric"),
-    "finetune": ("task", "modality"),
+    "intervention": (
+        "intervention", "modality", "task", "subset", "metric", "mode", "queries", "donor",
+    ),
+    "finetune": ("comparison", "task", "modality", "subset"),
 }
 OUT_COLUMNS = ("claim", "title", "criterion", "evidence", "verdict", "tests")
 DEFAULT_COLUMN = {"probe": "accuracy", "finetune": "accuracy", "intervention": "delta"}

@@ -149,6 +149,29 @@ def summarise(
     return pd.DataFrame(rows)
 
 
+def score_model(
+    loaded: LoadedModel,
+    data: pd.DataFrame,
+    modalities: list[str],
+    *,
+    seed: int = 0,
+    n_boot: int = 1000,
+    **score_kwargs,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score ``loaded`` in each prompt form: (tidy summary, per-sample rows).
+
+    ``score_kwargs`` go to :func:`score_rows` (n_captions, batch_size, max_new_tokens,
+    scoring_context)."""
+    scored = pd.concat(
+        [
+            score_rows(loaded, data, m, desc=f"{loaded.spec.name} {m}", **score_kwargs)
+            for m in modalities
+        ]
+    )
+    table = summarise(scored, data, loaded.spec.name, loaded.spec.role, seed, n_boot)
+    return table, scored
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name for the tables")
     parser.add_argument("--path", required=True, help="checkpoint directory or hub id")
@@ -184,21 +207,15 @@ def run(args: argparse.Namespace) -> None:
     data = read_dataset(args.data, args.on_bad_rows, needs_image="image" in modalities).frame
     if args.limit:
         data = data.head(args.limit)
-    scored = pd.concat(
-        [
-            score_rows(
-                loaded,
-                data,
-                m,
-                n_captions=args.n_captions,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                desc=f"{args.model} {m}",
-            )
-            for m in modalities
-        ]
+    table, scored = score_model(
+        loaded,
+        data,
+        modalities,
+        seed=args.seed,
+        n_captions=args.n_captions,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
     )
-    table = summarise(scored, data, args.model, args.role, args.seed)
     write_parquet(table, args.out)
     if args.predictions:
         write_parquet(scored, args.predictions)

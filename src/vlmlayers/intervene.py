@@ -59,7 +59,7 @@ MODES = ("sliding", "cumulative-bottom", "cumulative-top")
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations that take a 4-D mask from the layer
 
 # Index of each row's last prompt token in a forward over prompt + reply (teacher forcing), set
-# by :func:`score_rows`; without it the last input position of a fresh forward is used.
+# by :func:`_prompt_end_of` around the scoring pass; else the last input position is used.
 _PROMPT_END: ContextVar[torch.Tensor | None] = ContextVar("vlmlayers_prompt_end", default=None)
 
 
@@ -433,18 +433,14 @@ def windows(n: int, width: int, stride: int, mode: str = "sliding") -> list[tupl
 @torch.no_grad()
 @contextlib.contextmanager
 def _prompt_end_of(batch: dict):
-    """Tell the interventions where each row's prompt ends (``queries="last"`` needs it)."""
+    """Tell the interventions where each row's prompt ends (``queries="last"`` needs it): the
+    ``scoring_context`` of :func:`vlmlayers.evaluate.score_model`."""
     first_reply = (batch["labels"] != -100).int().argmax(1)
     token = _PROMPT_END.set(first_reply - 1)
     try:
         yield
     finally:
         _PROMPT_END.reset(token)
-
-
-def score_rows(loaded: LoadedModel, data: pd.DataFrame, modality: str, **kwargs) -> pd.DataFrame:
-    """:func:`vlmlayers.evaluate.score_rows` with the prompt end known to the interventions."""
-    return evaluate.score_rows(loaded, data, modality, scoring_context=_prompt_end_of, **kwargs)
 
 
 def context_for(
@@ -553,20 +549,17 @@ def run(args: argparse.Namespace) -> None:
         data = data.head(args.limit)
 
     def scored() -> pd.DataFrame:
-        parts = [
-            score_rows(
-                loaded,
-                data,
-                m,
-                n_captions=args.n_captions,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-            )
-            for m in modalities
-        ]
-        return evaluate.summarise(
-            pd.concat(parts), data, args.model, args.role, args.seed, args.n_boot
-        )
+        return evaluate.score_model(
+            loaded,
+            data,
+            modalities,
+            seed=args.seed,
+            n_boot=args.n_boot,
+            scoring_context=_prompt_end_of,
+            n_captions=args.n_captions,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )[0]
 
     baseline = scored()
     means = None

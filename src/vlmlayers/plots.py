@@ -440,38 +440,55 @@ def plot_eval(table: pd.DataFrame, args) -> plt.Figure:
     return fig
 
 
+def intervention_label(row: pd.Series) -> str:
+    """One sweep's panel title: the intervention and what sets it apart (queries, donor, mode)."""
+    parts = [str(row["intervention"])]
+    if isinstance(row.get("queries"), str):
+        parts.append(f"{row['queries']} queries")
+    if isinstance(row.get("donor"), str):
+        parts.append(f"from {row['donor']}")
+    if isinstance(row.get("mode"), str) and row["mode"] != "sliding":
+        parts.append(row["mode"])
+    return ", ".join(parts)
+
+
 @figure("intervention", "Interventions: accuracy change per layer window")
 def plot_intervention(table: pd.DataFrame, args) -> plt.Figure:
     _need(table, ["intervention", "relative_depth", "model", "task", "delta"], "intervention")
     rows = _pick(table, "metric", args.metric, "intervention")
+    rows = _pick(rows, "subset", "all", "intervention")
     rows = with_roles(rows, args.roles)
-    rows = rows.assign(relative_depth=rows["relative_depth"].astype(float).round(3))
-    agg = aggregate(rows, ["intervention", "model", "task", "relative_depth"], "delta")
-    interventions = sorted(agg["intervention"].astype(str).unique())
+    rows = rows[np.isfinite(rows["relative_depth"].astype(float))]  # not the baseline rows
+    _need(rows, ["relative_depth"], "intervention (windows)")
+    rows = rows.assign(
+        relative_depth=rows["relative_depth"].astype(float).round(3),
+        panel=rows.apply(intervention_label, axis=1),
+    )
+    agg = aggregate(rows, ["panel", "model", "task", "relative_depth"], "delta")
+    panels = sorted(agg["panel"].unique())
     roles = model_roles(rows)
     order = {m: i for i, m in enumerate(model_order(roles))}
     agg["row"] = agg["model"] + " | " + agg["task"].astype(str)
     row_order = sorted(agg["row"].unique(), key=lambda r: (order[r.split(" | ")[0]], r))
-    windows = {}
-    if {"window_start", "window_end"} <= set(rows.columns):
-        for depth, part in rows.groupby("relative_depth"):
-            spans = part[["window_start", "window_end"]].drop_duplicates()
-            if len(spans) == 1:
-                windows[depth] = f"\nL{spans.iloc[0, 0]}-{spans.iloc[0, 1]}"
-    depths = sorted(agg["relative_depth"].unique())
     limit = float(np.nanmax(np.abs(agg["value"]))) or 1.0
+    widths = [agg.loc[agg["panel"] == p, "relative_depth"].nunique() for p in panels]
     fig, axes = plt.subplots(
         1,
-        len(interventions),
-        figsize=(0.55 * len(depths) * len(interventions) + 3.5, 0.45 * len(row_order) + 2.4),
+        len(panels),
+        figsize=(0.6 * sum(widths) + 1.2 * len(panels) + 2.5, 0.45 * len(row_order) + 2.4),
         squeeze=False,
+        gridspec_kw={"width_ratios": widths},
     )
-    for i, (ax, name) in enumerate(zip(axes[0], interventions, strict=True)):
-        grid = agg[agg["intervention"] == name].pivot_table(
+    for i, (ax, name) in enumerate(zip(axes[0], panels, strict=True)):
+        grid = agg[agg["panel"] == name].pivot_table(
             index="row", columns="relative_depth", values="value"
         )
-        grid = grid.reindex(index=row_order, columns=depths)
-        annotate = grid.size <= 240
+        grid = grid.reindex(index=row_order)
+        spans = (
+            rows[rows["panel"] == name]
+            .groupby("relative_depth")[["window_start", "window_end"]]
+            .first()
+        )
         sns.heatmap(
             grid,
             ax=ax,
@@ -479,16 +496,21 @@ def plot_intervention(table: pd.DataFrame, args) -> plt.Figure:
             center=0,
             vmin=-limit,
             vmax=limit,
-            annot=annotate,
+            annot=grid.size <= 240,
             fmt="+.2f",
             annot_kws={"fontsize": 7},
             linewidths=0.5,
             linecolor="white",
-            cbar=i == len(interventions) - 1,
+            cbar=i == len(panels) - 1,
             cbar_kws={"label": f"change in {args.metric} vs unmodified model"},
         )
-        ax.set_xticklabels([f"{d:.2f}{windows.get(d, '')}" for d in depths], fontsize=7, rotation=0)
-        ax.set_title(name, fontsize=10)
+        ax.set_xticklabels(
+            [f"{d:.2f}\nL{spans.loc[d, 'window_start']}-{spans.loc[d, 'window_end']}"
+             for d in grid.columns],
+            fontsize=7,
+            rotation=0,
+        )  # fmt: skip
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel("model | task" if i == 0 else "")
         if i:
@@ -504,36 +526,41 @@ def plot_intervention(table: pd.DataFrame, args) -> plt.Figure:
 @figure("finetune", "Selective fine-tuning: score vs training time per layer band")
 def plot_finetune(table: pd.DataFrame, args) -> plt.Figure:
     _need(table, ["variant", "task", "modality", "accuracy", args.time], "finetune")
-    rows = table.copy()
-    rows["variant"] = rows["variant"].astype(str)
-    agg = aggregate(rows, ["task", "modality", "variant"], "accuracy")
-    times = rows.groupby(["task", "modality", "variant"])[args.time].mean().rename("time")
-    agg = agg.merge(times.reset_index(), on=["task", "modality", "variant"])
-    bands = {}
-    if "band" in rows.columns:
-        for variant, band in rows.drop_duplicates("variant")[["variant", "band"]].itertuples(
-            index=False
-        ):
-            if band is not None and str(band) not in ("", "nan", variant):
-                bands[variant] = f" ({band})"
+    rows = _pick(table, "subset", args.subset, "finetune")
+    if "comparison" not in rows.columns:
+        rows = rows.assign(comparison="equal_steps")
+    rows = rows.assign(
+        variant=rows["variant"].astype(str),
+        panel=rows["comparison"].astype(str).str.replace("_", " ") + ", " + rows["modality"],
+    )
+    keys = ["task", "panel", "variant"]
+    agg = aggregate(rows, keys, "accuracy")
+    times = rows.groupby(keys)[args.time].mean().rename("time")
+    agg = agg.merge(times.reset_index(), on=keys)
+    bands = {}  # legend detail: the trained blocks, else a band that is not the variant's name
+    for variant, part in rows.groupby("variant"):
+        first = part.iloc[0]
+        if isinstance(first.get("layers"), str):
+            bands[variant] = f" (blocks {first['layers']})"
+        elif isinstance(first.get("band"), str) and first["band"] not in ("", variant):
+            bands[variant] = f" ({first['band']})"
     variants = list(dict.fromkeys(v for v in VARIANT_COLOURS if v in set(agg["variant"])))
     variants += sorted(set(agg["variant"]) - set(variants))
     palette = variant_palette(variants)
     tasks = sorted(agg["task"].astype(str).unique())
-    modalities = [m for m in ("image", "text") if m in set(agg["modality"])]
-    modalities += sorted(set(agg["modality"]) - set(modalities))
+    panels = sorted(agg["panel"].unique())  # comparison x prompt form
     fig, axes = plt.subplots(
-        len(modalities),
+        len(panels),
         len(tasks),
-        figsize=(4.2 * len(tasks) + 2.4, 3.1 * len(modalities) + 0.8),
+        figsize=(4.2 * len(tasks) + 2.4, 3.1 * len(panels) + 0.8),
         sharex=True,
         sharey=True,
         squeeze=False,
     )
-    for i, modality in enumerate(modalities):
+    for i, panel in enumerate(panels):
         for j, task in enumerate(tasks):
             ax = axes[i, j]
-            part = agg[(agg["modality"] == modality) & (agg["task"].astype(str) == task)]
+            part = agg[(agg["panel"] == panel) & (agg["task"].astype(str) == task)]
             for variant in variants:
                 sel = part[part["variant"] == variant]
                 if sel.empty:
@@ -550,8 +577,8 @@ def plot_finetune(table: pd.DataFrame, args) -> plt.Figure:
                     xytext=(4, 3),
                     textcoords="offset points",
                 )
-            ax.set_title(f"{task} questions, {modality} prompts", fontsize=9)
-            if i == len(modalities) - 1:
+            ax.set_title(f"{task} questions; {panel} prompts", fontsize=9)
+            if i == len(panels) - 1:
                 ax.set_xlabel(f"training time ({args.time.replace('_', ' ')})")
             if j == 0:
                 ax.set_ylabel("accuracy (exact match)")

@@ -74,15 +74,74 @@ BENCHMARK = (
 )
 
 
+def intervention_runs():
+    """name -> sweep of intervene.runs, checked against the models it names."""
+    runs = config["intervene"]["runs"]
+    if runs and not BENCHMARK:
+        raise ValueError(
+            "intervene.runs: interventions are scored on a benchmark; set benchmark.path"
+        )
+    for name, run in runs.items():
+        for key in ("model", "donor"):
+            if run.get(key) is not None and run[key] not in MODELS:
+                raise ValueError(
+                    f"intervene.runs.{name}.{key}: unknown model {run[key]!r}; "
+                    f"known: {sorted(MODELS)}"
+                )
+        if run["intervention"] in ("transplant", "patching") and not run.get("donor"):
+            raise ValueError(
+                f"intervene.runs.{name}: {run['intervention']} needs a donor"
+            )
+    return runs
+
+
+INTERVENTIONS = intervention_runs()
+
+
+def finetune_settings():
+    """The finetune section with stage-2 settings filled in, or None without variants."""
+    ft = dict(config["finetune"])
+    if not ft["variants"]:
+        return None
+    stage2 = WORLD["stage2"] if WORLD else {}
+    for key in ("steps", "batch_size", "lr", "warmup"):
+        if ft[key] is None:
+            ft[key] = stage2.get(key)
+        if ft[key] is None:
+            raise ValueError(
+                f"finetune.{key}: set it (there is no world.stage2 to take it from)"
+            )
+    ft["model"] = ft["model"] or ("aligned" if WORLD else None)
+    if ft["model"] not in MODELS:
+        raise ValueError(
+            f"finetune.model: unknown model {ft['model']!r}; known: {sorted(MODELS)}"
+        )
+    ft["data"] = ft["data"] or (f"{RESULTS}/world/train.parquet" if WORLD else None)
+    if not ft["data"]:
+        raise ValueError("finetune.data: the VQA rows to tune on are not set")
+    if not BENCHMARK:
+        raise ValueError(
+            "finetune: variants are scored on a benchmark; set benchmark.path"
+        )
+    return ft
+
+
+FINETUNE = finetune_settings()
+
+
 def modalities(name):
     return ["text"] if is_text_only(name) else ["image", "text"]
 
 
-def model_input(wildcards):
+def checkpoint_input(name):
     """The checkpoint a job reads: a produced directory for tiny-world models, else nothing
     (hub ids and external paths are not Snakemake outputs)."""
-    path = MODELS[wildcards.model]["path"]
+    path = MODELS[name]["path"]
     return path if path.startswith(RESULTS) or Path(path).exists() else []
+
+
+def model_input(wildcards):
+    return checkpoint_input(wildcards.model)
 
 
 def store(model, dataset, modality):
@@ -132,7 +191,14 @@ def store_args(wildcards, input):
 
 
 # figure kind -> the tables it reads
-FIGURES = {"probe": "probe", "id": "geometry", "overlap": "geometry", "eval": "eval"}
+FIGURES = {
+    "probe": "probe",
+    "id": "geometry",
+    "overlap": "geometry",
+    "eval": "eval",
+    "intervention": "intervention",
+    "finetune": "finetune",
+}
 
 
 def analysis_tables(kind):
@@ -143,6 +209,10 @@ def analysis_tables(kind):
             if BENCHMARK
             else []
         )
+    if kind == "intervention":
+        return expand(f"{RESULTS}/intervention/{{run}}.parquet", run=INTERVENTIONS)
+    if kind == "finetune":
+        return [f"{RESULTS}/finetune.parquet"] if FINETUNE else []
     return expand(
         f"{RESULTS}/{kind}/{{model}}/{{dataset}}.parquet",
         model=MODELS,
@@ -156,7 +226,12 @@ def roles_args():
     )
 
 
+def figure_kinds():
+    """Figures whose tables this config produces."""
+    return [kind for kind, table in FIGURES.items() if analysis_tables(table)]
+
+
 def figure_targets():
-    return [f"{RESULTS}/figures/{kind}.png" for kind in FIGURES] + [
+    return [f"{RESULTS}/figures/{kind}.png" for kind in figure_kinds()] + [
         f"{RESULTS}/claims.md"
     ]

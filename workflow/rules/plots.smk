@@ -1,13 +1,13 @@
 # Figures (report outputs with captions) and the claims table.
 
 
-for kind, table_kind in FIGURES.items():
+for kind in figure_kinds():
 
     rule:
         name:
             f"figure_{kind}"
         input:
-            tables=analysis_tables(table_kind),
+            tables=analysis_tables(FIGURES[kind]),
         output:
             png=report(
                 f"{RESULTS}/figures/{kind}.png",
@@ -37,6 +37,8 @@ rule claims:
         geometry=analysis_tables("geometry"),
         probe=analysis_tables("probe"),
         eval=analysis_tables("eval"),
+        intervention=analysis_tables("intervention"),
+        finetune=analysis_tables("finetune"),
     output:
         parquet=f"{RESULTS}/claims.parquet",
         md=report(
@@ -58,5 +60,5 @@ rule claims:
     shell:
         "printf '%s' {params.criteria:q} > {output.criteria} && "
         "vlmlayers claims --geometry {input.geometry} --probe {input.probe} "
-        "--eval {input.eval} --criteria {output.criteria} {params.roles} "
+        "--eval {input.eval} --intervention {input.intervention} --finetune {input.finetune} --criteria {output.criteria} {params.roles} "
         "--out-parquet {output.parquet} --out-md {output.md} > {log} 2>&1"
