@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "probe": "vlmlayers.probe",
     "geometry": "vlmlayers.geometry",
     "intervene": "vlmlayers.intervene",
+    "finetune": "vlmlayers.finetune",
     "plot": "vlmlayers.plots",
     "claims": "vlmlayers.claims",
     "check-config": "vlmlayers.config",

@@ -66,13 +66,16 @@ def fit(
     checkpoint_every: int,
     desc: str,
     weight_decay: float = 0.0,
+    bf16: bool = False,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     """AdamW + cosine schedule over the model's trainable parameters, with resume.
 
-    ``make_batch(step)`` returns model kwargs incl. ``labels``; ``model(**batch).loss`` is
-    minimised. Frozen parameters get no optimizer state. State is saved atomically under
-    ``out/checkpoint`` every ``checkpoint_every`` steps; the loss curve is returned.
+    ``make_batch(step)`` returns model kwargs incl. ``labels`` (moved to the model's device);
+    ``model(**batch).loss`` is minimised, under bf16 autocast on CUDA when ``bf16``. Frozen
+    parameters get no optimizer state. State is saved atomically under ``out/checkpoint`` every
+    ``checkpoint_every`` steps, after ``on_checkpoint(step)``; the loss curve (step, loss, lr,
+    seconds of training, saving excluded) is returned.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
@@ -87,11 +90,17 @@ def fit(
         start, log = state["step"], state["log"]
         print(f"{desc}: resuming from step {start} ({ckpt})")
     torch.manual_seed(seed + start)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"
+    )
     model.train()
     t0 = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, unit="step")
     for step in bar:
-        loss = model(**make_batch(step)).loss
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_batch(step).items()}
+        with autocast:
+            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -108,6 +117,9 @@ def fit(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
         if done % checkpoint_every == 0 or done == steps:
+            paused = time.perf_counter()
+            if on_checkpoint:  # first: a crash before the state is saved redoes these steps
+                on_checkpoint(done)
             trainable = {n: p.detach().clone() for n, p in named}
             with atomic_path(ckpt, is_dir=True) as tmp:
                 torch.save(
@@ -120,8 +132,7 @@ def fit(
                     },
                     tmp / "state.pt",
                 )
-            if on_checkpoint:
-                on_checkpoint(done)
+            t0 += time.perf_counter() - paused  # `seconds` counts training, not saving
     model.eval()
     return pd.DataFrame(log)
 
@@ -301,13 +312,11 @@ def train_stage1(args: argparse.Namespace) -> None:
 
 def train_stage2(args: argparse.Namespace) -> None:
     """LLaVA stage 2: projector + the whole LM on image-form VQA; the tower stays frozen."""
+    from vlmlayers.finetune import trainable_modules
     from vlmlayers.models import ModelSpec, load
 
     loaded = load(ModelSpec(name="aligned", path=str(args.aligned), role="aligned"))
-    paths = loaded.paths
-    trainable = [loaded.projector] + [
-        loaded.module(p) for p in (paths.layers, paths.embeddings, paths.final_norm, paths.lm_head)
-    ]
+    trainable = trainable_modules(loaded, list(range(loaded.n_layers)))
     train_vlm(loaded.model, loaded.processor, trainable, args, "vqa", "tuned")
 
 
