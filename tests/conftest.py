@@ -106,6 +106,28 @@ def tiny_models(tiny_world, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture
+def crash_training_at(monkeypatch):
+    """``crash_training_at(step)``: training raises KeyboardInterrupt (a simulated kill) when it
+    asks for that step's batch; ``monkeypatch.undo()`` brings the real loop back."""
+    from vlmlayers.world import train
+
+    real_fit = train.fit
+
+    def patch(step: int) -> None:
+        def crashing(model, make_batch, out, **kw):
+            def exploding(s):
+                if s == step:
+                    raise KeyboardInterrupt("simulated kill")
+                return make_batch(s)
+
+            return real_fit(model, exploding, out, **kw)
+
+        monkeypatch.setattr(train, "fit", crashing)
+
+    return patch
+
+
 @pytest.fixture(scope="session")
 def workflow_run(tmp_path_factory) -> tuple[Path, Path]:
     """The whole workflow on config/test.yaml, run locally once: (workdir, results dir)."""

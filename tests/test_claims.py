@@ -95,7 +95,8 @@ def intervention(worst="middle") -> pd.DataFrame:
             {"intervention": "knockout", "window_start": start, "window_end": start + 1,
              "relative_depth": start / 12, "model": model, "task": task, "metric": "accuracy",
              "value": 0.8 + delta, "delta": delta, "ci_low": delta - 0.05,
-             "ci_high": delta + 0.05, "n": 200}
+             "ci_high": delta + 0.05, "n": 200, "modality": "image", "subset": "all",
+             "queries": "text", "mode": "sliding", "donor": None}
         )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -112,7 +113,7 @@ def finetune(middle_acc=0.79, middle_step=0.6) -> pd.DataFrame:
             {"variant": variant, "band": variant, "seed": seed, "trainable_params": 100,
              "train_seconds": step * 300, "step_seconds": step, "peak_mem_mb": 100.0,
              "task": task, "modality": modality, "accuracy": a, "ci_low": a - 0.03,
-             "ci_high": a + 0.03}
+             "ci_high": a + 0.03, "comparison": "equal_steps", "subset": "all"}
         )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -292,7 +293,9 @@ def test_cli_reads_yaml_or_json_and_writes_both_outputs(tmp_path):
 
 def test_table_contracts_match_the_stages_that_write_them():
     from vlmlayers import geometry as geometry_stage
+    from vlmlayers import intervene
     from vlmlayers import probe as probe_stage
 
     assert claims.TABLES["geometry"] == tuple(geometry_stage.COLUMNS)
+    assert claims.TABLES["intervention"] == tuple(intervene.COLUMNS)
     assert set(claims.TABLES["probe"]) <= set(probe_stage.COLUMNS)

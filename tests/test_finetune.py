@@ -89,23 +89,15 @@ def test_full_band_is_stage_two(tiny_world, tiny_models, tmp_path):
     assert all(torch.equal(ours[k], tuned[k]) for k in ours)
 
 
-def test_resume_continues_the_same_loss_curve(tiny_world, tiny_models, middle_run, monkeypatch):
+def test_resume_continues_the_same_loss_curve(
+    tiny_world, tiny_models, middle_run, monkeypatch, crash_training_at
+):
     out = middle_run.parent / "resumed"
-    real_fit = train.fit
-
-    def crash_at_step_3(model, make_batch, path, **kw):
-        def exploding(step):
-            if step == 3:
-                raise KeyboardInterrupt("simulated kill")
-            return make_batch(step)
-
-        return real_fit(model, exploding, path, **kw)
-
-    monkeypatch.setattr(train, "fit", crash_at_step_3)
+    crash_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_world, tiny_models["aligned"], out, "middle")
     assert (out / train.CHECKPOINT_DIR / "state.pt").exists()
-    monkeypatch.setattr(train, "fit", real_fit)
+    monkeypatch.undo()
     _train(tiny_world, tiny_models["aligned"], out, "middle")
     straight = pd.read_csv(middle_run / "losses.csv")
     resumed = pd.read_csv(out / "losses.csv")

@@ -109,17 +109,20 @@ def test_intervention_panels_tell_sweeps_apart(tmp_path):
 
 
 def finetune_table() -> pd.DataFrame:
+    """As ``vlmlayers finetune table`` writes it (both comparisons)."""
     rows = []
-    variants = {"full": (None, 10.0), "middle": ("0.33-0.67", 6.0), "early": ("0-0.33", 5.0)}
-    for (variant, (band, secs)), seed, task, modality in itertools.product(
-        variants.items(), [0, 1], ["vision", "knowledge"], ["image", "text"]
-    ):
+    variants = {"full": ("0,1,2,3,4,5", 10.0), "middle": ("2,3", 6.0), "early": ("0,1", 5.0)}
+    for (variant, (layers, secs)), seed, task, modality, comparison in itertools.product(
+        variants.items(), [0, 1], ["vision", "knowledge"], ["image", "text"],
+        ["equal_steps", "equal_time"],
+    ):  # fmt: skip
         acc = 0.8 - (0.02 if variant == "middle" else 0.0) - 0.1 * (variant == "early")
         rows.append(
-            {"variant": variant, "band": band, "seed": seed, "trainable_params": 1000,
+            {"variant": variant, "band": variant, "layers": layers, "seed": seed,
+             "comparison": comparison, "step": 100, "trainable_params": 1000,
              "train_seconds": secs * 100, "step_seconds": secs / 10, "peak_mem_mb": 500.0,
-             "task": task, "modality": modality, "accuracy": acc, "ci_low": acc - 0.04,
-             "ci_high": acc + 0.04}
+             "task": task, "modality": modality, "subset": "all", "accuracy": acc,
+             "ci_low": acc - 0.04, "ci_high": acc + 0.04}
         )  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -61,24 +61,15 @@ def _base_args(world, out, steps):
     )
 
 
-def test_resume_after_crash_continues_the_same_run(tiny_world, tmp_path, monkeypatch):
+def test_resume_after_crash_continues_the_same_run(
+    tiny_world, tmp_path, monkeypatch, crash_training_at
+):
     train.train_base(_base_args(tiny_world, tmp_path / "straight", 6))
-
-    real_fit = train.fit
-
-    def crash_after_step_3(model, make_batch, out, **kw):
-        def exploding(step):
-            if step == 3:
-                raise KeyboardInterrupt("simulated kill")
-            return make_batch(step)
-
-        return real_fit(model, exploding, out, **kw)
-
-    monkeypatch.setattr(train, "fit", crash_after_step_3)
+    crash_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
     assert (tmp_path / "resumed" / train.CHECKPOINT_DIR / "state.pt").exists()
-    monkeypatch.setattr(train, "fit", real_fit)
+    monkeypatch.undo()
     train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
 
     straight = pd.read_csv(tmp_path / "straight" / "losses.csv")

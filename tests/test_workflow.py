@@ -37,6 +37,36 @@ def test_every_table_is_produced(workflow_run):
     assert (results / "activations" / "tuned" / "tinyworld" / "image" / "manifest.json").exists()
 
 
+def test_interventions_and_finetune_tables(workflow_run):
+    _, results = workflow_run
+    # config/test.yaml replaces config/config.yaml: only its own two sweeps run
+    assert {p.stem for p in (results / "intervention").glob("*.parquet")} == {
+        "knockout",
+        "transplant",
+    }
+    knockout = pd.read_parquet(results / "intervention" / "knockout.parquet")
+    windows = knockout.loc[knockout["window_start"] >= 0, ["window_start", "window_end"]]
+    assert sorted(map(tuple, windows.drop_duplicates().to_numpy())) == [(0, 1), (2, 3)]
+    baseline = knockout[knockout["window_start"] < 0]
+    assert (baseline["delta"] == 0).all()
+    finetune = pd.read_parquet(results / "finetune.parquet")
+    assert set(finetune["variant"]) == {"full", "middle"}
+    assert set(finetune["comparison"]) == {"equal_steps", "equal_time"}
+    verdicts = pd.read_parquet(results / "claims.parquet").set_index("claim")["evidence"]
+    assert "middle" in verdicts["selective_ft"] and "full" in verdicts["selective_ft"]
+    for kind in ("intervention", "finetune"):
+        assert (results / "figures" / f"{kind}.png").stat().st_size > 5000
+
+
+def test_finetune_scoring_parameter_does_not_retrain(workflow_run):
+    workdir, results = workflow_run
+    override = workdir / "ft_boot.yaml"
+    override.write_text("finetune: {n_boot: 7}\n")
+    planned = _planned(workdir, results, "--configfile", "config/test.yaml", str(override))
+    assert "finetune_score" in planned
+    assert not planned & {"finetune_train", "stage2", "extract", "intervene", "probe"}
+
+
 def test_noop_rerun_does_nothing(workflow_run):
     workdir, results = workflow_run
     assert "Nothing to be done" in _planned(workdir, results)

@@ -161,7 +161,14 @@ CONDITIONS: dict[str, tuple[str, ...]] = {
     "probe": ("modality_train", "modality_test", "pooling"),
     "eval": ("modality", "task", "subset", "metric"),
     "intervention": (
-        "intervention", "modality", "task", "subset", "metric", "mode", "queries", "donor",
+        "intervention",
+        "modality",
+        "task",
+        "subset",
+        "metric",
+        "mode",
+        "queries",
+        "donor",
     ),
     "finetune": ("comparison", "task", "modality", "subset"),
 }

@@ -56,6 +56,11 @@ INTERVENTIONS = ("knockout", "ablation", "transplant", "patching")
 RESIDUAL_POINTS = {"ablation", "patching"}
 QUERIES = ("text", "last")
 MODES = ("sliding", "cumulative-bottom", "cumulative-top")
+COLUMNS = [
+    "intervention", "window_start", "window_end", "relative_depth", "model", "role", "modality",
+    "task", "subset", "metric", "value", "baseline", "delta", "ci_low", "ci_high", "n", "seed",
+    "mode", "queries", "donor",
+]  # fmt: skip
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations that take a 4-D mask from the layer
 
 # Index of each row's last prompt token in a forward over prompt + reply (teacher forcing), set
@@ -481,12 +486,7 @@ def tidy(
     out["mode"] = args.mode
     out["queries"] = args.queries if args.intervention == "knockout" else None
     out["donor"] = args.donor if args.intervention in ("transplant", "patching") else None
-    columns = [
-        "intervention", "window_start", "window_end", "relative_depth", "model", "role",
-        "modality", "task", "subset", "metric", "value", "baseline", "delta", "ci_low",
-        "ci_high", "n", "seed", "mode", "queries", "donor",
-    ]  # fmt: skip
-    return out[columns]
+    return out[COLUMNS]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,14 @@ rule finetune_train:
     params:
         band=lambda wc: config["finetune"]["variants"][wc.variant],
         aligned=lambda wc: MODELS[FINETUNE["model"]]["path"],
-        ft=FINETUNE,
+        ft=(
+            {
+                k: FINETUNE[k]
+                for k in ("steps", "batch_size", "lr", "warmup", "snapshots")
+            }
+            if FINETUNE
+            else {}
+        ),
         flags=(
             " ".join(
                 f"--{flag.replace('_', '-')}"

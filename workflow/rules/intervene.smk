@@ -2,31 +2,6 @@
 # held-out benchmark against the unmodified model.
 
 
-def intervention_models(wildcards):
-    run = INTERVENTIONS[wildcards.run]
-    models = {"model": checkpoint_input(run["model"])}
-    if run.get("donor"):
-        models["donor"] = checkpoint_input(run["donor"])
-    return {key: path for key, path in models.items() if path}
-
-
-def intervention_args(wildcards):
-    run = INTERVENTIONS[wildcards.run]
-    spec = MODELS[run["model"]]
-    args = [
-        f"--model {run['model']} --path {spec['path']} --role {spec['role']}",
-        f"--intervention {run['intervention']} --window {run['window']}",
-        f"--stride {run['stride']} --queries {run['queries']}",
-    ]
-    if run.get("mode"):
-        args.append(f"--mode {run['mode']}")
-    if run.get("donor"):
-        args.append(
-            f"--donor {run['donor']} --donor-path {MODELS[run['donor']]['path']}"
-        )
-    return " ".join(args)
-
-
 rule intervene:
     input:
         unpack(intervention_models),
