@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_probe.py
 	$(BIN)/python benchmarks/bench_geometry.py
+	$(BIN)/python benchmarks/bench_workflow.py
 	@echo "Benchmarks written to results/bench/"
 
 lint: setup

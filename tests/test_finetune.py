@@ -77,7 +77,7 @@ def test_only_the_band_and_projector_change(tiny_models, middle_run):
     assert meta["layers"] == layers and meta["band"] == "middle"
     assert meta["step_seconds"] > 0 and meta["peak_mem_mb"] > 0
     assert (middle_run / finetune.SNAPSHOTS / "step-000002" / "model.safetensors").exists()
-    assert not (middle_run / train.CHECKPOINT_DIR).exists()
+    assert not train.partial_dir(middle_run).exists()
 
 
 def test_full_band_is_stage_two(tiny_world, tiny_models, tmp_path):
@@ -96,12 +96,14 @@ def test_resume_continues_the_same_loss_curve(
     crash_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_world, tiny_models["aligned"], out, "middle")
-    assert (out / train.CHECKPOINT_DIR / "state.pt").exists()
+    assert (train.partial_dir(out) / train.CHECKPOINT_DIR / "state.pt").exists()
     monkeypatch.undo()
     _train(tiny_world, tiny_models["aligned"], out, "middle")
     straight = pd.read_csv(middle_run / "losses.csv")
     resumed = pd.read_csv(out / "losses.csv")
     pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
+    # the snapshot taken before the kill survives it (it lives beside the output until the end)
+    assert (out / finetune.SNAPSHOTS / "step-000002" / "model.safetensors").exists()
     a, b = load_file(middle_run / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

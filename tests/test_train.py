@@ -21,7 +21,7 @@ def test_checkpoints_load_through_auto_classes(tiny_models):
     assert tuned.image_token_id == tuned.tokenizer.convert_tokens_to_ids("<image>")
     losses = pd.read_csv(tiny_models["tuned"] / "losses.csv")
     assert list(losses["step"]) == [1, 2, 3, 4]
-    assert not (tiny_models["tuned"] / train.CHECKPOINT_DIR).exists()
+    assert not train.partial_dir(tiny_models["tuned"]).exists()
 
 
 def test_stage1_trains_only_the_projector(tiny_models):
@@ -68,7 +68,7 @@ def test_resume_after_crash_continues_the_same_run(
     crash_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
-    assert (tmp_path / "resumed" / train.CHECKPOINT_DIR / "state.pt").exists()
+    assert (train.partial_dir(tmp_path / "resumed") / train.CHECKPOINT_DIR / "state.pt").exists()
     monkeypatch.undo()
     train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
 

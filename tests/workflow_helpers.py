@@ -153,6 +153,7 @@ def tables_equal(
     pattern: str = "**/*.parquet",
     *,
     ignore_columns: Iterable[str] = (),
+    exclude: Iterable[str] = (),
     rtol: float = 1e-5,
     atol: float = 1e-8,
     **assert_kwargs,
@@ -163,13 +164,15 @@ def tables_equal(
     pair is compared with `pandas.testing.assert_frame_equal` (extra keyword arguments go to
     it; floats within `rtol`/`atol`); vector cells (Arrow list columns, e.g. activations'
     `vec`) are stacked and compared with the same tolerances. `ignore_columns` drops columns
-    such as wall-clock timings before comparing. Raises AssertionError naming the first
+    such as wall-clock timings before comparing; `exclude` skips files (relative paths) that a
+    caller compares its own way. Raises AssertionError naming the first
     differing file, or when no table matches at all (so an empty run cannot pass). Returns
     the compared relative paths.
     """
     dir_a, dir_b = Path(dir_a), Path(dir_b)
-    files_a = {p.relative_to(dir_a).as_posix() for p in dir_a.glob(pattern) if p.is_file()}
-    files_b = {p.relative_to(dir_b).as_posix() for p in dir_b.glob(pattern) if p.is_file()}
+    skip = set(exclude)
+    files_a = {p.relative_to(dir_a).as_posix() for p in dir_a.glob(pattern) if p.is_file()} - skip
+    files_b = {p.relative_to(dir_b).as_posix() for p in dir_b.glob(pattern) if p.is_file()} - skip
     if not files_a and not files_b:
         raise AssertionError(f"no tables match {pattern!r} under {dir_a} or {dir_b}")
     if files_a != files_b:

@@ -124,7 +124,14 @@ def training_cost(log: pd.DataFrame, batch_size: int) -> dict:
 
 
 def train(args: argparse.Namespace) -> None:
-    from vlmlayers.world.train import finish, fit, freeze_except, schedule, vlm_batches
+    from vlmlayers.world.train import (
+        finish,
+        fit,
+        freeze_except,
+        partial_dir,
+        schedule,
+        vlm_batches,
+    )
 
     device = setup_torch(seed=args.seed)
     aligned = ModelSpec(name="aligned", path=str(args.aligned), role="aligned", dtype="float32")
@@ -138,11 +145,10 @@ def train(args: argparse.Namespace) -> None:
     data = read_dataset(args.data, args.on_bad_rows, needs_image=True).frame
     make_batch = vlm_batches(loaded.processor, data, args.seed, args.batch_size, "vqa")
     snapshot_steps = set(np.linspace(0, args.steps, args.snapshots + 1, dtype=int)[1:-1])
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def save_snapshot(step: int) -> None:
         if step in snapshot_steps:
-            save_model(loaded, args.out / SNAPSHOTS / f"step-{step:06d}")
+            save_model(loaded, partial_dir(args.out) / SNAPSHOTS / f"step-{step:06d}")
 
     every = int(np.gcd.reduce([args.checkpoint_every, *snapshot_steps])) if snapshot_steps else 0
     print(f"{args.variant}: band {args.band} -> blocks {layers}, {n_trainable:,} trainable")
@@ -168,7 +174,7 @@ def train(args: argparse.Namespace) -> None:
         "device": str(device),
         **training_cost(log, args.batch_size),
     }
-    finish(loaded.model, loaded.processor, args.out, log, meta)
+    finish(loaded.model, loaded.processor, args.out, log, meta, keep=(SNAPSHOTS,))
     print(json.dumps({k: meta[k] for k in ("variant", "trainable_params", "step_seconds")}))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -43,6 +44,12 @@ from vlmlayers.world import scenes
 from vlmlayers.world.tokenizer import build_processor, build_tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run keeps what it resumes from: beside ``out``, because Snakemake deletes an
+    output directory before it reruns the job (as extraction's ``<out>.partial``)."""
+    return out.with_name(out.name + ".partial")
 
 
 def decode_images(column) -> list[Image.Image]:
@@ -80,10 +87,15 @@ def fit(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-    ckpt = out / CHECKPOINT_DIR
+    ckpt = partial_dir(out) / CHECKPOINT_DIR
+    settings = {"steps": steps, "lr": lr, "warmup": warmup, "seed": seed,
+                "weight_decay": weight_decay, "trainable": [n for n, _ in named]}  # fmt: skip
     start, log = 0, []
-    if (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt.exists() else None
+    if state is not None and state.get("settings") != settings:
+        print(f"{desc}: {ckpt} is from other settings; starting afresh")
+        state = None
+    if state is not None:
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -129,6 +141,7 @@ def fit(
                         "schedule": schedule.state_dict(),
                         "step": done,
                         "log": log,
+                        "settings": settings,
                     },
                     tmp / "state.pt",
                 )
@@ -137,18 +150,33 @@ def fit(
     return pd.DataFrame(log)
 
 
-def finish(model, processor, out: Path, log: pd.DataFrame, meta: dict) -> None:
-    """Save the checkpoint (safetensors), its processor, loss curve and manifest; drop state."""
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    log.to_csv(out / "losses.csv", index=False)
-    manifest = {
-        **meta,
-        "weights_sha256": hash_tree(out, "*.safetensors"),
-        "final_loss": float(log["loss"].tail(20).mean()) if len(log) else None,
-    }
-    write_json(manifest, out / "training.json")
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+def finish(
+    model, processor, out: Path, log: pd.DataFrame, meta: dict, keep: tuple[str, ...] = ()
+) -> None:
+    """Save the model (safetensors), its processor, loss curve and manifest atomically under
+    ``out``, with the ``keep`` entries of the partial directory (hard links); drop the rest."""
+    partial = partial_dir(out)
+    with atomic_path(out, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        log.to_csv(tmp / "losses.csv", index=False)
+        manifest = {
+            **meta,
+            "weights_sha256": hash_tree(tmp, "*.safetensors"),
+            "final_loss": float(log["loss"].tail(20).mean()) if len(log) else None,
+        }
+        write_json(manifest, tmp / "training.json")
+        for name in keep:
+            if (partial / name).exists():
+                shutil.copytree(partial / name, tmp / name, copy_function=_link_or_copy)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no second copy of large snapshots; the partial copy stays valid
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # --------------------------------------------------------------------------- base LM
@@ -177,7 +205,6 @@ def train_base(args: argparse.Namespace) -> None:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return {**batch, "labels": labels}
 
-    args.out.mkdir(parents=True, exist_ok=True)
     log = fit(model, make_batch, args.out, desc="base LM", **schedule(args))
     finish(model, tokenizer, args.out, log, _meta(args, "base"))
 
@@ -239,7 +266,6 @@ def train_vision(args: argparse.Namespace) -> None:
         rows = torch.from_numpy(batch_rng(args.seed, step).integers(0, len(pool), args.batch_size))
         return {"pixel_values": pixels[rows], "labels": {a: t[rows] for a, t in targets.items()}}
 
-    args.out.mkdir(parents=True, exist_ok=True)
     log = fit(model, make_batch, args.out, desc="vision tower", **schedule(args))
     finish(model.tower, processor.image_processor, args.out, log, _meta(args, "vision"))
 
@@ -299,7 +325,6 @@ def train_vlm(model, processor, trainable: list[nn.Module], args, task: str, rol
     n_trainable = freeze_except(model, trainable)
     data = pd.read_parquet(args.world / "train.parquet")
     make_batch = vlm_batches(processor, data, args.seed, args.batch_size, task)
-    args.out.mkdir(parents=True, exist_ok=True)
     log = fit(model, make_batch, args.out, desc=f"{task} ({role})", **schedule(args))
     finish(model, processor, args.out, log, {**_meta(args, role), "trainable_params": n_trainable})
 

@@ -1,0 +1,94 @@
+"""Real-model path: the workflow (world: null) on tiny random checkpoints of each family.
+
+One Snakemake run over a bring-your-own config: every family's checkpoint is extracted in both
+prompt forms, probed, measured and evaluated on the tiny world's rows, and gets one attention
+knockout sweep; the tables must have every layer of every model. Families whose processors need
+torchvision to load (``NEEDS_VIDEO_SHIM``) are covered in-process by tests/test_models.py and
+tests/test_intervene.py: a workflow job cannot apply the test-only shim.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from families import FAMILIES, NEEDS_VIDEO_SHIM, build_tiny
+from workflow_helpers import copy_workflow, run_snakemake
+
+from vlmlayers.models import ModelSpec, load
+
+WORKFLOW_FAMILIES = [f for f in FAMILIES if f not in NEEDS_VIDEO_SHIM and f != "llama"]
+
+
+@pytest.fixture(scope="module")
+def families_run(tiny_world, tmp_path_factory):
+    base = tmp_path_factory.mktemp("families")
+    checkpoints = {f: build_tiny(f, base / "ckpt" / f) for f in [*WORKFLOW_FAMILIES, "llama"]}
+    models = {
+        f"tiny-{f}": {"path": str(p), "family": f, "role": "base" if f == "llama" else "tuned"}
+        for f, p in checkpoints.items()
+    }
+    config = {
+        "results_dir": str(base / "results"),
+        "world": None,
+        "threads": 1,
+        "models": models,
+        "datasets": {"pairs": {"path": str(tiny_world / "analysis.parquet")}},
+        "benchmark": {"path": str(tiny_world / "test.parquet")},
+        "extract": {"batch_size": 8, "shard_size": 16, "poolings": ["last", "mean_image"]},
+        "evaluate": {"batch_size": 8, "max_new_tokens": 2, "limit": 12},
+        "intervene": {
+            "batch_size": 8,
+            "max_new_tokens": 2,
+            "limit": 8,
+            "n_boot": 20,
+            "runs": {
+                f"knockout-{f}": {
+                    "intervention": "knockout",
+                    "model": f"tiny-{f}",
+                    "window": 1,
+                    "stride": 1,
+                }
+                for f in WORKFLOW_FAMILIES
+            },
+        },
+        "probe": {"seeds": [0], "n_boot": 20, "poolings": ["last"]},
+        "geometry": {"k": 5, "gride_range_max": 8, "n_boot": 20, "poolings": ["last"]},
+        "claims": {},
+    }
+    workdir = copy_workflow(base / "wf")
+    (workdir / "config" / "families.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(
+        workdir,
+        "--cores",
+        "2",
+        "--configfile",
+        "config/families.yaml",
+        env={"SNAKEMAKE_OUTPUT_CACHE": None},
+        timeout=1800,
+    )
+    return base / "results", checkpoints
+
+
+def test_every_family_runs_through_the_workflow(families_run):
+    results, checkpoints = families_run
+    for family in [*WORKFLOW_FAMILIES, "llama"]:
+        name = f"tiny-{family}"
+        n_layers = load(ModelSpec(name=name, path=str(checkpoints[family]))).n_layers
+        probe = pd.read_parquet(results / "probe" / name / "pairs.parquet")
+        assert sorted(probe["layer"].unique()) == list(range(n_layers + 1)), name
+        geometry = pd.read_parquet(results / "geometry" / name / "pairs.parquet")
+        assert sorted(geometry["layer"].unique()) == list(range(n_layers + 1)), name
+        evaluation = pd.read_parquet(results / "eval" / f"{name}.parquet")
+        forms = {"text"} if family == "llama" else {"image", "text"}
+        assert set(evaluation["modality"]) == forms, name
+        assert (evaluation["n"] > 0).all()
+        if family == "llama":
+            continue
+        knockout = pd.read_parquet(results / "intervention" / f"knockout-{family}.parquet")
+        windows = knockout.loc[knockout["window_start"] >= 0, "window_start"].unique()
+        assert sorted(windows) == list(range(n_layers)), name
+        image = probe[probe["modality_test"] == "image"]
+        assert len(image), f"{name}: no image-form probes"
+    for kind in ("probe", "id", "overlap", "eval", "intervention"):
+        assert (results / "figures" / f"{kind}.png").stat().st_size > 5000
