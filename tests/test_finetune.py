@@ -138,3 +138,26 @@ def test_score_and_table(tiny_world, tiny_models, middle_run, tmp_path):
     equal_time = table[table["comparison"] == "equal_time"]
     assert (equal_time["train_seconds"] <= budget.mean().min() + 1e-9).all()
     assert set(equal_time["variant"]) <= {"middle", "late"}
+
+
+@pytest.mark.parametrize("projector", [True, False])
+def test_backward_reaches_below_the_band_only_through_a_trained_projector(
+    tiny_world, tiny_models, projector
+):
+    from vlmlayers.world.train import freeze_except, vlm_batches
+
+    loaded = load(ModelSpec(name="aligned", path=str(tiny_models["aligned"])))
+    band = finetune.band_layers(loaded.n_layers, "late")
+    freeze_except(loaded.model, finetune.trainable_modules(loaded, band, projector=projector))
+    needs_grad = {}
+    for i, block in enumerate(loaded.layers):
+        block.register_forward_hook(
+            lambda m, a, out, i=i: needs_grad.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out).requires_grad
+            )
+        )
+    data = pd.read_parquet(tiny_world / "train.parquet")
+    loaded.model(**vlm_batches(loaded.processor, data, 0, 2, "vqa")(0))
+    below = [needs_grad[i] for i in range(min(band))]
+    assert all(below) if projector else not any(below)
+    assert all(needs_grad[i] for i in band)

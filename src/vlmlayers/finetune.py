@@ -16,7 +16,8 @@ thirds, 12 blocks split 4/4/4, 8 split 3/2/3, 24 split 8/8/8, 32 split 11/10/11.
 Every variant uses the same data, steps, optimiser and seed (``vlmlayers.world.train.fit``:
 AdamW, cosine schedule, resumable checkpoints that reproduce the uninterrupted run). Frozen
 parameters get no gradient and no optimizer state; with a trainable projector the backward pass
-still runs through the blocks below the band (activation gradients only). Cost: trainable
+still runs through the blocks below the band (activation gradients only), with
+``--freeze-projector`` it stops at the band's lowest block. Cost: trainable
 parameters, seconds per step (median after warm-up), total seconds, samples/s, peak memory (CUDA
 allocator peak on GPU, process peak RSS on CPU).
 
@@ -90,10 +91,13 @@ def band_layers(n_layers: int, band: str) -> list[int]:
     return picked
 
 
-def trainable_modules(loaded: LoadedModel, layers: list[int]) -> list[nn.Module]:
-    """The projector and the given blocks; all blocks = full fine-tuning of the LLM, which also
-    trains the embeddings, final norm and LM head (LLaVA's stage 2)."""
-    modules = [loaded.projector] if loaded.projector is not None else []
+def trainable_modules(
+    loaded: LoadedModel, layers: list[int], projector: bool = True
+) -> list[nn.Module]:
+    """The projector (unless ``projector=False``) and the given blocks; all blocks = full
+    fine-tuning of the LLM, which also trains the embeddings, final norm and LM head (LLaVA's
+    stage 2)."""
+    modules = [loaded.projector] if projector and loaded.projector is not None else []
     modules += [loaded.layers[i] for i in layers]
     if len(layers) == loaded.n_layers:
         paths = loaded.paths
@@ -139,7 +143,8 @@ def train(args: argparse.Namespace) -> None:
     if not loaded.is_multimodal:
         raise SystemExit(f"{args.aligned}: selective fine-tuning needs a vision-language model")
     layers = band_layers(loaded.n_layers, args.band)
-    n_trainable = freeze_except(loaded.model, trainable_modules(loaded, layers))
+    modules = trainable_modules(loaded, layers, projector=not args.freeze_projector)
+    n_trainable = freeze_except(loaded.model, modules)
     if args.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable()
     data = read_dataset(args.data, args.on_bad_rows, needs_image=True).frame
@@ -170,6 +175,7 @@ def train(args: argparse.Namespace) -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "trainable_params": n_trainable,
+        "projector_trained": not args.freeze_projector,
         "peak_mem_mb": peak_memory_mb(device),
         "device": str(device),
         **training_cost(log, args.batch_size),
@@ -308,6 +314,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--checkpoint-every", type=int, default=100, help="resume points")
     parser.add_argument("--snapshots", type=int, default=4, help="models saved along training")
+    parser.add_argument(
+        "--freeze-projector",
+        action="store_true",
+        help="train the band only (the backward pass then stops at its lowest block)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--run", type=Path, help="score: a trained variant's directory")

@@ -35,7 +35,7 @@ rule finetune_train:
         flags=(
             " ".join(
                 f"--{flag.replace('_', '-')}"
-                for flag in ("bf16", "gradient_checkpointing")
+                for flag in ("freeze_projector", "bf16", "gradient_checkpointing")
                 if FINETUNE[flag]
             )
             if FINETUNE
