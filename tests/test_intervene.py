@@ -4,6 +4,7 @@ knockout works on a tiny random model of every vision family; the CLI writes the
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -215,6 +216,16 @@ def test_windows():
     assert intervene.windows(5, 2, 2, "cumulative-top") == [(3, 4), (1, 4), (0, 4)]
     with pytest.raises(ValueError, match="mode"):
         intervene.windows(4, 2, 2, "diagonal")
+
+
+def test_window_depths_follow_the_store_and_the_blocks():
+    depth = intervene.window_depth
+    assert depth((0, 1), 12, "sliding", blocks=True) == 1 / 12  # blocks 0-1 span depth 0 to 2/12
+    assert depth((0, 2), 12, "sliding", blocks=False) == 1 / 12  # residual points 0..2
+    assert depth((4, 12), 12, "cumulative-top", blocks=False) == 4 / 12  # ablate from point 4 on
+    assert depth((4, 11), 12, "cumulative-top", blocks=True) == 4 / 12  # blocks 4.. from depth 4
+    assert depth((0, 5), 12, "cumulative-bottom", blocks=True) == 6 / 12  # up to block 5's output
+    assert np.isnan(depth((-1, -1), 12, "sliding", blocks=True))
 
 
 COLUMNS = [

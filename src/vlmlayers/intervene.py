@@ -25,8 +25,11 @@ Depth conventions. Knockout and transplant windows count decoder blocks 0..L-1. 
 patching count residual points 0..L as the activation store does (``captured[l]`` of
 :func:`vlmlayers.extract.capture_residuals`: 0 = the input of the first block, l = the output of
 the l-th block, L = the last block's output before the final norm). Windows are inclusive
-``[window_start, window_end]``; ``relative_depth`` = window centre / L. The table's baseline rows
-(the unmodified model) have ``window_start = window_end = -1`` and no relative depth.
+``[window_start, window_end]``; ``relative_depth`` (:func:`window_depth`): residual point l sits
+at l / L and block i spans (i, i + 1) / L; a sliding window stands for its centre, a
+``cumulative-top`` one for where it starts and a ``cumulative-bottom`` one for where it ends.
+The table's baseline rows (the unmodified model) have ``window_start = window_end = -1`` and no
+relative depth.
 """
 
 from __future__ import annotations
@@ -467,6 +470,23 @@ def context_for(
     raise ValueError(f"intervention must be one of {INTERVENTIONS}")
 
 
+def window_depth(span: tuple[int, int], n_layers: int, mode: str, blocks: bool) -> float:
+    """The relative depth a window stands for (NaN for the baseline's (-1, -1)).
+
+    Residual point ``l`` sits at depth l / L; block ``i`` spans (i, i + 1) / L. Sliding windows
+    stand for their centre, ``cumulative-top`` for where they start ("from here up") and
+    ``cumulative-bottom`` for where they end ("up to here")."""
+    start, end = span
+    if start < 0:
+        return math.nan
+    top = end + 1 if blocks else end
+    if mode == "cumulative-top":
+        return start / n_layers
+    if mode == "cumulative-bottom":
+        return top / n_layers
+    return (start + top) / 2 / n_layers
+
+
 def tidy(
     table: pd.DataFrame,
     baseline: pd.DataFrame,
@@ -482,7 +502,8 @@ def tidy(
     out.insert(0, "intervention", args.intervention)
     out.insert(1, "window_start", start)
     out.insert(2, "window_end", end)
-    out.insert(3, "relative_depth", (start + end) / 2 / n_layers if start >= 0 else math.nan)
+    blocks = args.intervention not in RESIDUAL_POINTS
+    out.insert(3, "relative_depth", window_depth(span, n_layers, args.mode, blocks))
     out["mode"] = args.mode
     out["queries"] = args.queries if args.intervention == "knockout" else None
     out["donor"] = args.donor if args.intervention in ("transplant", "patching") else None

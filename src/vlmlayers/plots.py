@@ -469,21 +469,23 @@ def plot_intervention(table: pd.DataFrame, args) -> plt.Figure:
     roles = model_roles(rows)
     order = {m: i for i, m in enumerate(model_order(roles))}
     agg["row"] = agg["model"] + " | " + agg["task"].astype(str)
-    row_order = sorted(agg["row"].unique(), key=lambda r: (order[r.split(" | ")[0]], r))
     limit = float(np.nanmax(np.abs(agg["value"]))) or 1.0
-    widths = [agg.loc[agg["panel"] == p, "relative_depth"].nunique() for p in panels]
+    n_cols = min(3, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    widest = max(agg.loc[agg["panel"] == p, "relative_depth"].nunique() for p in panels)
+    tallest = max(agg.loc[agg["panel"] == p, "row"].nunique() for p in panels)
     fig, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(0.6 * sum(widths) + 1.2 * len(panels) + 2.5, 0.45 * len(row_order) + 2.4),
+        n_rows,
+        n_cols,
+        figsize=(n_cols * (0.6 * widest + 2.6) + 1.0, n_rows * (0.45 * tallest + 1.6) + 0.8),
         squeeze=False,
-        gridspec_kw={"width_ratios": widths},
     )
-    for i, (ax, name) in enumerate(zip(axes[0], panels, strict=True)):
-        grid = agg[agg["panel"] == name].pivot_table(
-            index="row", columns="relative_depth", values="value"
-        )
-        grid = grid.reindex(index=row_order)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for i, (ax, name) in enumerate(zip(axes.flat, panels, strict=False)):
+        part = agg[agg["panel"] == name]
+        grid = part.pivot_table(index="row", columns="relative_depth", values="value")
+        grid = grid.reindex(index=sorted(grid.index, key=lambda r: (order[r.split(" | ")[0]], r)))
         spans = (
             rows[rows["panel"] == name]
             .groupby("relative_depth")[["window_start", "window_end"]]
@@ -512,9 +514,8 @@ def plot_intervention(table: pd.DataFrame, args) -> plt.Figure:
         )  # fmt: skip
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("")
-        ax.set_ylabel("model | task" if i == 0 else "")
-        if i:
-            ax.set_yticklabels([])
+        ax.set_ylabel("model | task" if i % n_cols == 0 else "")
+        ax.tick_params(axis="y", labelrotation=0)
     fig.supxlabel("layer window: its relative depth and its layers (L start-end)", fontsize=9)
     fig.suptitle(
         f"{args.title}: blue = the window matters (accuracy drops), red = accuracy rises",
