@@ -9,6 +9,16 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"), source="
 
 RESULTS = config["results_dir"]
 WORLD = config["world"]
+# The world keys that shape its data (the rest configure training).
+WORLD_DATA_KEYS = (
+    "seed",
+    "image_size",
+    "n_train",
+    "n_test",
+    "n_analysis",
+    "n_corpus",
+    "n_heldout_pairs",
+)
 SRC = Path(workflow.basedir) / "src" / "vlmlayers"
 THREADS = config["threads"]
 

@@ -23,7 +23,8 @@ rule world:
     params:
         n_captions=config["prompt"]["n_captions"],
         out=lambda wc, output: os.path.dirname(output[0]),
-        w=WORLD,
+        # the data settings only: a training setting must not remake (and rerun) the world
+        w=({k: WORLD[k] for k in WORLD_DATA_KEYS} if WORLD else {}),
         code=code_version("world/scenes.py", "world/chat.py", "prompts.py"),
     shell:
         "vlmlayers world --out {params.out} --seed {params.w[seed]} "
