@@ -78,13 +78,13 @@ def test_every_family_runs_through_the_workflow(families_run):
         probe = pd.read_parquet(results / "probe" / name / "pairs.parquet")
         assert sorted(probe["layer"].unique()) == list(range(n_layers + 1)), name
         geometry = pd.read_parquet(results / "geometry" / name / "pairs.parquet")
-        # layer 0 of the last-token pooling can be one vector for every sample (the template's
-        # last token before any mixing): its geometry is undefined and left out
+        # geometry skips layer 0 of the last-token pooling by design: there every sample is the
+        # template's same last token (vlmlayers geometry --help)
         assert set(range(1, n_layers + 1)) <= set(geometry["layer"]), name
         evaluation = pd.read_parquet(results / "eval" / f"{name}.parquet")
         forms = {"text"} if family == "llama" else {"image", "text"}
         assert set(evaluation["modality"]) == forms, name
-        assert (evaluation["n"] > 0).all()
+        assert (evaluation.loc[evaluation["subset"] == "all", "n"] == 12).all(), name
         if family == "llama":
             continue
         knockout = pd.read_parquet(results / "intervention" / f"knockout-{family}.parquet")
