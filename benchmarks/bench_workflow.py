@@ -44,9 +44,7 @@ def timed(args: list[str], repeats: int) -> tuple[float, subprocess.CompletedPro
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--configs", nargs="*", default=["config/config.yaml", "config/paper.yaml"]
-    )
+    parser.add_argument("--configs", nargs="*", default=["config/config.yaml", "config/paper.yaml"])
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench/workflow.json")
     args = parser.parse_args()
     from vlmlayers.io import write_json

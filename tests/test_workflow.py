@@ -19,6 +19,13 @@ def _planned(workdir, results, *extra) -> set[str] | str:
     return set(re.findall(r"^(\w+)\s+\d+$", text, re.M)) - {"total"}
 
 
+def _planned_with(workdir, results, name: str, override: str) -> set[str] | str:
+    """The dry run of config/test.yaml with ``override`` (YAML) layered on top."""
+    path = workdir / name
+    path.write_text(override)
+    return _planned(workdir, results, "--configfile", "config/test.yaml", str(path))
+
+
 def test_every_table_is_produced(workflow_run):
     _, results = workflow_run
     evals = {
@@ -60,9 +67,7 @@ def test_interventions_and_finetune_tables(workflow_run):
 
 def test_finetune_scoring_parameter_does_not_retrain(workflow_run):
     workdir, results = workflow_run
-    override = workdir / "ft_boot.yaml"
-    override.write_text("finetune: {n_boot: 7}\n")
-    planned = _planned(workdir, results, "--configfile", "config/test.yaml", str(override))
+    planned = _planned_with(workdir, results, "ft_boot.yaml", "finetune: {n_boot: 7}\n")
     assert "finetune_score" in planned
     assert not planned & {"finetune_train", "stage2", "extract", "intervene", "probe"}
 
@@ -74,9 +79,7 @@ def test_noop_rerun_does_nothing(workflow_run):
 
 def test_probe_parameter_reruns_only_probes(workflow_run):
     workdir, results = workflow_run
-    override = workdir / "more_boot.yaml"
-    override.write_text("probe: {n_boot: 7}\n")
-    planned = _planned(workdir, results, "--configfile", "config/test.yaml", str(override))
+    planned = _planned_with(workdir, results, "more_boot.yaml", "probe: {n_boot: 7}\n")
     assert "probe" in planned
     assert not planned & {"extract", "stage1", "stage2", "world", "geometry", "evaluate"}
 

@@ -212,8 +212,7 @@ def score(args: argparse.Namespace) -> None:
     device = setup_torch(seed=args.seed)
     meta = json.loads((args.run / "training.json").read_text())
     seconds = pd.read_csv(args.run / "losses.csv").set_index("step")["seconds"]
-    modalities = args.modalities
-    data = read_dataset(args.data, args.on_bad_rows, needs_image="image" in modalities).frame
+    data = read_dataset(args.data, args.on_bad_rows, needs_image="image" in args.modalities).frame
     if args.limit:
         data = data.head(args.limit)
     tables = []
@@ -223,7 +222,7 @@ def score(args: argparse.Namespace) -> None:
         summary, _ = evaluate.score_model(
             loaded,
             data,
-            modalities,
+            args.modalities,
             seed=meta["seed"],
             n_boot=args.n_boot,
             n_captions=args.n_captions,
