@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--anisotropy", type=float, default=1.0, help="noise spectrum exponent (0: isotropic)"
     )
     parser.add_argument("--l2", type=float, default=1e-3)
-    parser.add_argument("--tol", type=float, default=1e-4, help="max |gradient| (both solvers)")
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=1e-5,
+        help="max |gradient| (both solvers); at 1e-4 the two stop at different points of a flat "
+        "optimum (D > n) and test accuracies differ by up to 1.3 points on weak-signal layers",
+    )
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument(
         "--sklearn-layers",
