@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
+include: "workflow/rules/prepare.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/analysis.smk"

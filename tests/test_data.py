@@ -269,9 +269,9 @@ def test_save_to_disk_with_image_feature(tmp_path):
 
 
 def test_unsupported_format_is_a_clear_error(tmp_path):
-    path = tmp_path / "data.csv"
-    path.write_text("id,caption\n1,a\n")
-    with pytest.raises(DatasetError, match=r"data\.csv: unsupported dataset format"):
+    path = tmp_path / "data.tsv"
+    path.write_text("id\tcaption\n1\ta\n")
+    with pytest.raises(DatasetError, match=r"data\.tsv: unsupported dataset format"):
         read_dataset(path)
     folder = tmp_path / "plain_dir"
     folder.mkdir()

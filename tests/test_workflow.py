@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pandas as pd
-from workflow_helpers import run_snakemake
+from workflow_helpers import copy_workflow, run_snakemake
 
 DRY = ("-n", "--cores", "2", "--configfile", "config/test.yaml")
 
@@ -103,3 +103,22 @@ def test_lint_is_clean(workflow_run):
         workdir, "--lint", "--configfile", "config/test.yaml", "--config", f"results_dir={results}"
     )
     assert "Lints for" not in result.stdout + result.stderr
+
+
+GPU_RULES = {"extract", "evaluate", "intervene", "finetune_train", "finetune_score"}
+
+
+def test_paper_config_plans_every_stage_offline(tmp_path):
+    """config/paper.yaml's dry run builds the whole DAG without the network, the models or the
+    data, and asks for a GPU on the model-running rules only."""
+    workdir = copy_workflow(tmp_path / "wf")
+    result = run_snakemake(workdir, "-n", "--cores", "8", "--configfile", "config/paper.yaml")
+    text = result.stdout + result.stderr
+    planned = set(re.findall(r"^(\w+)\s+\d+$", text, re.M)) - {"total"}
+    stages = {"prepare_data", "probe", "geometry", "finetune_table", "claims", *GPU_RULES}
+    assert stages <= planned
+    for block in re.split(r"\n(?=rule \w+:)", text):
+        rule = re.match(r"rule (\w+):", block)
+        resources = re.search(r"resources: (.*)", block)
+        if rule and resources:
+            assert ("gpu=1" in resources[1]) == (rule[1] in GPU_RULES), block

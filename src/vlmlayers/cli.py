@@ -13,6 +13,7 @@ import sys
 STAGES: dict[str, str] = {
     "world": "vlmlayers.world.scenes",
     "train": "vlmlayers.world.train",
+    "prepare": "vlmlayers.prepare",
     "evaluate": "vlmlayers.evaluate",
     "extract": "vlmlayers.extract",
     "probe": "vlmlayers.probe",

@@ -4,8 +4,9 @@ Columns: ``id`` (unique str), ``image`` (PNG/JPEG bytes) or ``image_path``, ``ca
 ``question``, ``answer``, optional ``captions`` (paraphrases for the text form),
 ``labels.<name>`` categorical columns and ``task`` (benchmark sub-task).
 
-Readers: Parquet, JSONL (+ image folder for relative ``image_path``), and a directory saved by
-``datasets.Dataset.save_to_disk``. Bad rows raise an error naming the file and row, or with
+Readers: Parquet, CSV and JSONL (a relative ``image_path`` is relative to the file's folder), and
+a directory saved by ``datasets.Dataset.save_to_disk``; other layouts (COCO captions, the hub) go
+through ``vlmlayers prepare``. Bad rows raise an error naming the file and row, or with
 ``on_bad_rows="skip"`` are dropped and listed in the returned report; never silently.
 """
 
@@ -36,8 +37,14 @@ class Dataset:
     skipped: list[dict] = field(default_factory=list)
 
 
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read any supported source into a frame (no validation)."""
+TEXT_COLUMNS = (*REQUIRED, "task", "image_path")  # read as strings: "007" and "3" stay so
+
+
+def read_table(path: str | os.PathLike, images: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read any supported source into a frame (no validation).
+
+    A relative ``image_path`` is resolved against ``images`` (default: the file's folder).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
@@ -48,14 +55,22 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if path.suffix == ".parquet":
         return _positional(pd.read_parquet(path))
     if path.suffix in (".jsonl", ".json"):
-        # dtype=False: ids such as "007" and answers such as "3" stay the strings they are.
         frame = pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
-        if "image_path" in frame:
-            frame["image_path"] = [
-                str(p if Path(p).is_absolute() else path.parent / p) for p in frame["image_path"]
-            ]
-        return frame
-    raise DatasetError(f"{path}: unsupported dataset format (Parquet, JSONL or save_to_disk dir)")
+    elif path.suffix == ".csv":
+        header = pd.read_csv(path, nrows=0).columns
+        text = {c: str for c in header if c in TEXT_COLUMNS or c.startswith(LABEL_PREFIX)}
+        frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])
+    else:
+        raise DatasetError(
+            f"{path}: unsupported dataset format (Parquet, CSV, JSONL or a save_to_disk "
+            "directory; vlmlayers prepare converts COCO captions and hub datasets)"
+        )
+    if "image_path" in frame:
+        root = Path(images) if images is not None else path.parent
+        frame["image_path"] = [
+            p if pd.isna(p) or Path(p).is_absolute() else str(root / p) for p in frame["image_path"]
+        ]
+    return frame
 
 
 def _positional(frame: pd.DataFrame) -> pd.DataFrame:
@@ -95,9 +110,15 @@ def read_dataset(
     path: str | os.PathLike, on_bad_rows: str = "error", needs_image: bool = True
 ) -> Dataset:
     """Read and validate ``path`` against the contract."""
+    return validate(read_table(path), str(path), on_bad_rows, needs_image)
+
+
+def validate(
+    frame: pd.DataFrame, path: str, on_bad_rows: str = "error", needs_image: bool = True
+) -> Dataset:
+    """Check ``frame`` (read from ``path``) against the contract: errors name path, row and id."""
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', not {on_bad_rows!r}")
-    frame = read_table(path)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if needs_image and "image" not in frame and "image_path" not in frame:
         missing.append("image or image_path")
@@ -120,7 +141,7 @@ def read_dataset(
     for column in label_columns(frame):
         if frame.loc[keep, column].nunique() < 2:
             raise DatasetError(f"{path}: label column {column!r} has a single class")
-    return Dataset(frame[keep].reset_index(drop=True), str(path), skipped)
+    return Dataset(frame[keep].reset_index(drop=True), path, skipped)
 
 
 def label_columns(frame: pd.DataFrame) -> list[str]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vlmlayers import prompts
 from vlmlayers.data import read_dataset
 from vlmlayers.io import write_parquet
-from vlmlayers.models import LoadedModel, ModelSpec, load
+from vlmlayers.models import LoadedModel, ModelSpec, add_spec_arguments, load
 from vlmlayers.runtime import setup_torch
 from vlmlayers.stats import bootstrap_ci
 
@@ -174,9 +174,8 @@ def score_model(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name for the tables")
-    parser.add_argument("--path", required=True, help="checkpoint directory or hub id")
+    add_spec_arguments(parser)
     parser.add_argument("--role", default="tuned", help="base | aligned | tuned | variant")
-    parser.add_argument("--family", default=None, help="expected model_type (checked)")
     parser.add_argument("--data", type=Path, required=True, help="benchmark dataset")
     parser.add_argument(
         "--modalities",
@@ -199,9 +198,7 @@ def run(args: argparse.Namespace) -> None:
     from vlmlayers.runtime import resolve_dtype
 
     device = setup_torch(seed=args.seed)
-    spec = ModelSpec(
-        name=args.model, path=args.path, role=args.role, family=args.family, dtype=args.dtype
-    )
+    spec = ModelSpec.from_args(args, args.model, args.role)
     loaded = load(spec, device=device, dtype=resolve_dtype(args.dtype, device))
     modalities = args.modalities if loaded.is_multimodal else ["text"]
     data = read_dataset(args.data, args.on_bad_rows, needs_image="image" in modalities).frame

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from vlmlayers import __version__, activations, prompts
 from vlmlayers.data import read_dataset
 from vlmlayers.io import hash_files, hash_tree, write_json
-from vlmlayers.models import LoadedModel, ModelSpec, load
+from vlmlayers.models import LoadedModel, ModelSpec, add_spec_arguments, load
 from vlmlayers.runtime import resolve_dtype, setup_torch
 
 POOLINGS = ("last", "mean_image", "mean_text")
@@ -206,10 +206,8 @@ def extract(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name (for the manifest)")
-    parser.add_argument("--path", required=True, help="checkpoint directory or hub id")
-    parser.add_argument("--revision", default=None)
+    add_spec_arguments(parser)
     parser.add_argument("--role", default="tuned")
-    parser.add_argument("--family", default=None, help="expected model_type (checked)")
     parser.add_argument("--data", type=Path, required=True, help="dataset (see vlmlayers.data)")
     parser.add_argument(
         "--modality",
@@ -225,20 +223,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="model dtype: auto = bf16 GPU / fp32 CPU")
     parser.add_argument("--store-dtype", choices=["float16", "float32"], default="float32")
     parser.add_argument("--on-bad-rows", choices=["error", "skip"], default="error")
-    parser.add_argument("--trust-remote-code", action="store_true")
 
 
 def run(args: argparse.Namespace) -> None:
     device = setup_torch(seed=0)
-    spec = ModelSpec(
-        name=args.model,
-        path=args.path,
-        role=args.role,
-        family=args.family,
-        revision=args.revision,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
+    spec = ModelSpec.from_args(args, args.model, args.role)
     loaded = load(spec, device=device, dtype=resolve_dtype(args.dtype, device))
     if args.modality == "image" and not loaded.is_multimodal:
         raise ValueError(f"model {args.model!r} is text-only: it has no image modality")

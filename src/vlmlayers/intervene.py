@@ -51,7 +51,7 @@ from vlmlayers import evaluate, prompts
 from vlmlayers.data import read_dataset
 from vlmlayers.extract import capture_residuals
 from vlmlayers.io import write_parquet
-from vlmlayers.models import LoadedModel, ModelSpec, load
+from vlmlayers.models import LoadedModel, ModelSpec, add_spec_arguments, load
 from vlmlayers.runtime import resolve_dtype, setup_torch
 
 INTERVENTIONS = ("knockout", "ablation", "transplant", "patching")
@@ -516,11 +516,10 @@ def tidy(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="name of the model intervened on")
-    parser.add_argument("--path", required=True, help="its checkpoint directory or hub id")
+    add_spec_arguments(parser)
     parser.add_argument("--role", default="aligned", help="base | aligned | tuned | variant")
-    parser.add_argument("--family", default=None, help="expected model_type (checked)")
     parser.add_argument("--donor", default="tuned", help="donor name (transplant, patching)")
-    parser.add_argument("--donor-path", default=None, help="donor checkpoint")
+    add_spec_arguments(parser, prefix="donor-")
     parser.add_argument("--data", type=Path, required=True, help="held-out benchmark dataset")
     parser.add_argument("--intervention", choices=INTERVENTIONS, required=True)
     parser.add_argument("--window", type=int, default=2, help="window width (layers)")
@@ -548,15 +547,13 @@ def run(args: argparse.Namespace) -> None:
     args.mode = args.mode or ("cumulative-top" if args.intervention == "ablation" else "sliding")
     device = setup_torch(seed=args.seed)
     dtype = resolve_dtype(args.dtype, device)
-    spec = ModelSpec(
-        name=args.model, path=args.path, role=args.role, family=args.family, dtype=args.dtype
-    )
+    spec = ModelSpec.from_args(args, args.model, args.role)
     loaded = load(spec, device=device, dtype=dtype)
     donor = None
     if args.intervention in ("transplant", "patching"):
         if not args.donor_path:
             raise SystemExit(f"--intervention {args.intervention} needs --donor-path")
-        donor_spec = ModelSpec(name=args.donor, path=args.donor_path, dtype=args.dtype)
+        donor_spec = ModelSpec.from_args(args, args.donor, prefix="donor-")
         donor = load(donor_spec, device=device, dtype=dtype)
     if args.intervention != "transplant":
         if not loaded.is_multimodal:

@@ -7,6 +7,7 @@ Loading uses the Auto classes, safetensors only, and ``trust_remote_code`` only 
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,36 @@ class ModelSpec:
     @classmethod
     def from_config(cls, name: str, entry: dict) -> ModelSpec:
         return cls(name=name, **entry)
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, name: str, role: str = "tuned", prefix: str = ""
+    ) -> ModelSpec:
+        """The spec that :func:`add_spec_arguments` (same ``prefix``) put on the command line."""
+        key = prefix.replace("-", "_")
+        return cls(
+            name=name,
+            path=getattr(args, f"{key}path"),
+            role=role,
+            family=getattr(args, f"{key}family"),
+            revision=getattr(args, f"{key}revision"),
+            dtype=args.dtype,
+            trust_remote_code=getattr(args, f"{key}trust_remote_code"),
+        )
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """A model spec's flags (``--path`` ...; ``prefix`` "donor-" gives ``--donor-path`` ...)."""
+    parser.add_argument(
+        f"--{prefix}path", required=not prefix, help="checkpoint directory or hub id"
+    )
+    parser.add_argument(f"--{prefix}family", default=None, help="expected model_type (checked)")
+    parser.add_argument(f"--{prefix}revision", default=None, help="hub revision to pin")
+    parser.add_argument(
+        f"--{prefix}trust-remote-code",
+        action="store_true",
+        help="run the repository's own modelling code (only if you trust it)",
+    )
 
 
 @dataclass

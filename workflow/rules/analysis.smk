@@ -20,7 +20,7 @@ rule probe:
         "VLMLAYERS_THREADS={threads} vlmlayers probe --model {wildcards.model:q} {params.stores} "
         "--labels {input.labels:q} --poolings {params.p[poolings]} --seeds {params.p[seeds]} "
         "--test-fraction {params.p[test_fraction]} --l2 {params.p[l2]} "
-        "--n-boot {params.p[n_boot]} --out {output} > {log} 2>&1"
+        "--n-boot {params.p[n_boot]} --out {output:q} > {log:q} 2>&1"
 
 
 rule geometry:
@@ -42,7 +42,7 @@ rule geometry:
         stores=store_args,
         g=config["geometry"],
         baseline=lambda wc: (
-            f"--baseline-label {config['geometry']['baseline_label']}"
+            f"--baseline-label {shlex.quote(config['geometry']['baseline_label'])}"
             if config["geometry"]["baseline_label"]
             else ""
         ),
@@ -51,4 +51,4 @@ rule geometry:
         "VLMLAYERS_THREADS={threads} vlmlayers geometry --model {wildcards.model:q} "
         "{params.stores} --labels {input.labels:q} --poolings {params.g[poolings]} "
         "--k {params.g[k]} --gride-range-max {params.g[gride_range_max]} {params.baseline} "
-        "--n-boot {params.g[n_boot]} --seed {params.seed} --out {output} > {log} 2>&1"
+        "--n-boot {params.g[n_boot]} --seed {params.seed} --out {output:q} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 from vlmlayers.config import validate
@@ -61,11 +62,37 @@ def model_specs():
 MODELS = model_specs()
 
 
+def spec_args(name, prefix=""):
+    """A model spec as `vlmlayers` flags (models.add_spec_arguments), shell-quoted."""
+    spec = MODELS[name]
+    args = [f"--{prefix}path", spec["path"]]
+    for key in ("family", "revision"):
+        if spec.get(key):
+            args += [f"--{prefix}{key}", spec[key]]
+    if spec.get("trust_remote_code"):
+        args.append(f"--{prefix}trust-remote-code")
+    if not prefix:
+        args += ["--role", spec["role"]]
+    return shlex.join(args)
+
+
+def model_dtype(name, stage_dtype="auto"):
+    """The spec's dtype where it names one, else the stage's."""
+    dtype = MODELS[name].get("dtype", "auto")
+    return stage_dtype if dtype == "auto" else dtype
+
+
 def is_text_only(name):
     return MODELS[name]["role"] == "base"
 
 
+def prepared(name):
+    """Where `prepare_data` writes a dataset given by `source` (bring-your-own adapters)."""
+    return f"{RESULTS}/data/{name}.parquet"
+
+
 def datasets():
+    """name -> {path, on_bad_rows}; a `source` entry reads the contract Parquet prepared from it."""
     if WORLD:
         return {
             "tinyworld": {
@@ -73,15 +100,62 @@ def datasets():
                 "on_bad_rows": "error",
             }
         }
-    return config["datasets"]
+    return {
+        name: {**entry, "path": prepared(name) if "source" in entry else entry["path"]}
+        for name, entry in config["datasets"].items()
+    }
+
+
+def data_sources():
+    """name -> source of every dataset (and the benchmark) that `prepare_data` converts."""
+    sources = {
+        name: entry["source"]
+        for name, entry in config["datasets"].items()
+        if "source" in entry and not WORLD
+    }
+    benchmark = config["benchmark"] or {}
+    if "source" in benchmark and not WORLD:
+        if "benchmark" in sources:
+            raise ValueError(
+                "datasets.benchmark: the name is taken by the benchmark's source"
+            )
+        sources["benchmark"] = benchmark["source"]
+    return sources
+
+
+def benchmark_path():
+    if WORLD:
+        return f"{RESULTS}/world/test.parquet"
+    benchmark = config["benchmark"] or {}
+    return prepared("benchmark") if "source" in benchmark else benchmark.get("path")
 
 
 DATASETS = datasets()
-BENCHMARK = (
-    f"{RESULTS}/world/test.parquet"
-    if WORLD
-    else (config["benchmark"] or {}).get("path")
-)
+SOURCES = data_sources()
+BENCHMARK = benchmark_path()
+
+
+def source_inputs(wildcards):
+    """A source's local files and folders, so editing them remakes the prepared Parquet (a hub
+    id is not a file: it is read from the Hugging Face cache)."""
+    source = SOURCES[wildcards.dataset]
+    keys = ("path", "images", "questions")
+    paths = [local_input(source[k]) for k in keys if source.get(k)]
+    return [path for path in paths if path]
+
+
+def prepare_args(wildcards):
+    """`vlmlayers prepare` flags of a source, shell-quoted."""
+    source = SOURCES[wildcards.dataset]
+    args = ["--format", source["format"], "--path", source["path"]]
+    for key in ("images", "questions", "split"):
+        if source.get(key):
+            args += [f"--{key}", source[key]]
+    if source.get("rename"):
+        args += ["--rename", *(f"{k}={v}" for k, v in source["rename"].items())]
+    args += ["--n", str(source["n"]), "--seed", str(source["seed"])]
+    args += ["--on-bad-rows", source["on_bad_rows"]]
+    return shlex.join(args)
 
 
 def intervention_runs():
@@ -143,11 +217,16 @@ def modalities(name):
     return ["text"] if is_text_only(name) else ["image", "text"]
 
 
-def checkpoint_input(name):
-    """The checkpoint a job reads: a produced directory for tiny-world models, else nothing
-    (hub ids and external paths are not Snakemake outputs)."""
-    path = MODELS[name]["path"]
+def local_input(path):
+    """`path` as a job input when the workflow makes it or it is here, else nothing: a hub id,
+    or a file on the cluster only, is the job's to read (and to name when it is missing).
+    """
     return path if path.startswith(RESULTS) or Path(path).exists() else []
+
+
+def checkpoint_input(name):
+    """The checkpoint a job reads (tiny-world models are produced directories)."""
+    return local_input(MODELS[name]["path"])
 
 
 def model_input(wildcards):
@@ -197,7 +276,9 @@ def stores(wildcards):
 
 
 def store_args(wildcards, input):
-    return " ".join(f"--{m} {getattr(input, m)}" for m in modalities(wildcards.model))
+    return " ".join(
+        f"--{m} {shlex.quote(getattr(input, m))}" for m in modalities(wildcards.model)
+    )
 
 
 # figure kind -> the tables it reads
@@ -231,9 +312,7 @@ def analysis_tables(kind):
 
 
 def roles_args():
-    return "--roles " + " ".join(
-        f"{name}={spec['role']}" for name, spec in MODELS.items()
-    )
+    return shlex.join(["--roles", *(f"{n}={s['role']}" for n, s in MODELS.items())])
 
 
 def figure_kinds():
@@ -257,16 +336,15 @@ def intervention_models(wildcards):
 
 def intervention_args(wildcards):
     run = INTERVENTIONS[wildcards.run]
-    spec = MODELS[run["model"]]
     args = [
-        f"--model {run['model']} --path {spec['path']} --role {spec['role']}",
+        f"--model {shlex.quote(run['model'])} {spec_args(run['model'])}",
+        f"--dtype {model_dtype(run['model'])}",
         f"--intervention {run['intervention']} --window {run['window']}",
         f"--stride {run['stride']} --queries {run['queries']}",
     ]
     if run.get("mode"):
         args.append(f"--mode {run['mode']}")
     if run.get("donor"):
-        args.append(
-            f"--donor {run['donor']} --donor-path {MODELS[run['donor']]['path']}"
-        )
+        donor = run["donor"]
+        args.append(f"--donor {shlex.quote(donor)} {spec_args(donor, 'donor-')}")
     return " ".join(args)

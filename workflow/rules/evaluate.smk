@@ -17,13 +17,14 @@ rule evaluate:
     params:
         n_captions=config["prompt"]["n_captions"],
         seed=config["seed"],
-        spec=lambda wc: MODELS[wc.model],
+        spec=lambda wc: spec_args(wc.model),
+        dtype=lambda wc: model_dtype(wc.model),
         e=config["evaluate"],
         code=code_version("evaluate.py", "prompts.py", "models.py"),
     shell:
         "VLMLAYERS_THREADS={threads} vlmlayers evaluate --model {wildcards.model:q} "
-        "--path {params.spec[path]:q} --role {params.spec[role]} --data {input.data:q} "
+        "{params.spec} --dtype {params.dtype} --data {input.data:q} "
         "--n-captions {params.n_captions} --batch-size {params.e[batch_size]} "
         "--max-new-tokens {params.e[max_new_tokens]} --limit {params.e[limit]} "
-        "--seed {params.seed} --out {output.table} --predictions {output.predictions} "
-        "> {log} 2>&1"
+        "--seed {params.seed} --out {output.table:q} --predictions {output.predictions:q} "
+        "> {log:q} 2>&1"

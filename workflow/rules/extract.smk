@@ -18,14 +18,15 @@ rule extract:
         gpu=lambda wc: 0 if WORLD else 1,
     params:
         n_captions=config["prompt"]["n_captions"],
-        spec=lambda wc: MODELS[wc.model],
+        spec=lambda wc: spec_args(wc.model),
+        dtype=lambda wc: model_dtype(wc.model, config["extract"]["dtype"]),
         x=config["extract"],
         bad=lambda wc: DATASETS[wc.dataset].get("on_bad_rows", "error"),
         code=code_version("extract.py", "activations.py", "prompts.py", "models.py"),
     shell:
         "VLMLAYERS_THREADS={threads} vlmlayers extract --model {wildcards.model:q} "
-        "--path {params.spec[path]:q} --role {params.spec[role]} --data {input.data:q} "
-        "--modality {wildcards.modality} --out {output:q} --poolings {params.x[poolings]} "
+        "{params.spec} --data {input.data:q} "
+        "--modality {wildcards.modality:q} --out {output:q} --poolings {params.x[poolings]} "
         "--n-captions {params.n_captions} --batch-size {params.x[batch_size]} "
         "--shard-size {params.x[shard_size]} --store-dtype {params.x[store_dtype]} "
-        "--dtype {params.x[dtype]} --on-bad-rows {params.bad} > {log} 2>&1"
+        "--dtype {params.dtype} --on-bad-rows {params.bad} > {log:q} 2>&1"

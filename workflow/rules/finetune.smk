@@ -5,7 +5,7 @@
 rule finetune_train:
     input:
         aligned=lambda wc: checkpoint_input(FINETUNE["model"]),
-        data=FINETUNE["data"] if FINETUNE else [],
+        data=local_input(FINETUNE["data"]) if FINETUNE else [],
     output:
         directory(f"{RESULTS}/finetune/{{variant}}/seed{{seed}}/model"),
     log:
@@ -23,6 +23,7 @@ rule finetune_train:
         gpu=lambda wc: 0 if WORLD else 1,
     params:
         band=lambda wc: config["finetune"]["variants"][wc.variant],
+        data=lambda wc: FINETUNE["data"],  # read by the job even when not here
         aligned=lambda wc: MODELS[FINETUNE["model"]]["path"],
         ft=(
             {
@@ -44,11 +45,11 @@ rule finetune_train:
         every=WORLD["checkpoint_every"] if WORLD else 100,
         code=code_version("finetune.py", "world/train.py", "prompts.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers finetune train --variant {wildcards.variant} "
-        "--band {params.band} --aligned {params.aligned:q} --data {input.data:q} "
+        "VLMLAYERS_THREADS={threads} vlmlayers finetune train --variant {wildcards.variant:q} "
+        "--band {params.band} --aligned {params.aligned:q} --data {params.data:q} "
         "--steps {params.ft[steps]} --batch-size {params.ft[batch_size]} --lr {params.ft[lr]} "
         "--warmup {params.ft[warmup]} --snapshots {params.ft[snapshots]} {params.flags} "
-        "--checkpoint-every {params.every} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "--checkpoint-every {params.every} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune_score:
@@ -75,11 +76,11 @@ rule finetune_score:
         ft=config["finetune"],
         code=code_version("finetune.py", "evaluate.py", "prompts.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers finetune score --run {input.run} "
+        "VLMLAYERS_THREADS={threads} vlmlayers finetune score --run {input.run:q} "
         "--data {input.data:q} --modalities {params.ft[modalities]} "
         "--n-captions {params.n_captions} --batch-size {params.e[batch_size]} "
         "--max-new-tokens {params.e[max_new_tokens]} --limit {params.ft[limit]} "
-        "--n-boot {params.ft[n_boot]} --out {output} > {log} 2>&1"
+        "--n-boot {params.ft[n_boot]} --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune_table:
@@ -102,4 +103,4 @@ rule finetune_table:
     params:
         code=code_version("finetune.py"),
     shell:
-        "vlmlayers finetune table --runs {input} --out {output} > {log} 2>&1"
+        "vlmlayers finetune table --runs {input:q} --out {output:q} > {log:q} 2>&1"

@@ -29,4 +29,4 @@ rule intervene:
         "VLMLAYERS_THREADS={threads} vlmlayers intervene {params.args} --data {input.data:q} "
         "--n-captions {params.n_captions} --batch-size {params.i[batch_size]} "
         "--max-new-tokens {params.i[max_new_tokens]} --limit {params.i[limit]} "
-        "--n-boot {params.i[n_boot]} --seed {params.seed} --out {output} > {log} 2>&1"
+        "--n-boot {params.i[n_boot]} --seed {params.seed} --out {output:q} > {log:q} 2>&1"

@@ -28,8 +28,8 @@ for kind in figure_kinds():
             roles=roles_args(),
             code=code_version("plots.py"),
         shell:
-            "vlmlayers plot --figure {params.kind} --table {input.tables} --out {output.png} "
-            "{params.roles} > {log} 2>&1"
+            "vlmlayers plot --figure {params.kind} --table {input.tables:q} --out {output.png:q} "
+            "{params.roles} > {log:q} 2>&1"
 
 
 rule claims:
@@ -58,7 +58,7 @@ rule claims:
         criteria=json.dumps({"claims": config["claims"]}),
         code=code_version("claims.py"),
     shell:
-        "printf '%s' {params.criteria:q} > {output.criteria} && "
-        "vlmlayers claims --geometry {input.geometry} --probe {input.probe} "
-        "--eval {input.eval} --intervention {input.intervention} --finetune {input.finetune} --criteria {output.criteria} {params.roles} "
-        "--out-parquet {output.parquet} --out-md {output.md} > {log} 2>&1"
+        "printf '%s' {params.criteria:q} > {output.criteria:q} && "
+        "vlmlayers claims --geometry {input.geometry:q} --probe {input.probe:q} "
+        "--eval {input.eval:q} --intervention {input.intervention:q} --finetune {input.finetune:q} --criteria {output.criteria:q} {params.roles} "
+        "--out-parquet {output.parquet:q} --out-md {output.md:q} > {log:q} 2>&1"

@@ -27,11 +27,11 @@ rule world:
         w=({k: WORLD[k] for k in WORLD_DATA_KEYS} if WORLD else {}),
         code=code_version("world/scenes.py", "world/chat.py", "prompts.py"),
     shell:
-        "vlmlayers world --out {params.out} --seed {params.w[seed]} "
+        "vlmlayers world --out {params.out:q} --seed {params.w[seed]} "
         "--image-size {params.w[image_size]} --n-train {params.w[n_train]} "
         "--n-test {params.w[n_test]} --n-analysis {params.w[n_analysis]} "
         "--n-corpus {params.w[n_corpus]} --n-heldout-pairs {params.w[n_heldout_pairs]} "
-        "--n-captions {params.n_captions} > {log} 2>&1"
+        "--n-captions {params.n_captions} > {log:q} 2>&1"
 
 
 rule pretrain_base:
@@ -55,9 +55,9 @@ rule pretrain_base:
         every=WORLD["checkpoint_every"] if WORLD else 0,
         code=code_version("world/train.py", "world/tokenizer.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train base --world {params.world} "
-        "--out {output} {params.args} --seed {params.seed} "
-        "--checkpoint-every {params.every} > {log} 2>&1"
+        "VLMLAYERS_THREADS={threads} vlmlayers train base --world {params.world:q} "
+        "--out {output:q} {params.args} --seed {params.seed} "
+        "--checkpoint-every {params.every} > {log:q} 2>&1"
 
 
 rule pretrain_vision:
@@ -83,8 +83,8 @@ rule pretrain_vision:
         ),
         code=code_version("world/train.py", "world/scenes.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train vision --out {output} {params.args} "
-        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log} 2>&1"
+        "VLMLAYERS_THREADS={threads} vlmlayers train vision --out {output:q} {params.args} "
+        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log:q} 2>&1"
 
 
 rule stage1:
@@ -115,9 +115,9 @@ rule stage1:
         ),
         code=code_version("world/train.py", "prompts.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train stage1 --world {params.world} "
-        "--base {input.base} --vision {input.vision} --out {output} {params.args} "
-        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log} 2>&1"
+        "VLMLAYERS_THREADS={threads} vlmlayers train stage1 --world {params.world:q} "
+        "--base {input.base:q} --vision {input.vision:q} --out {output:q} {params.args} "
+        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log:q} 2>&1"
 
 
 rule stage2:
@@ -142,6 +142,6 @@ rule stage2:
         every=WORLD["checkpoint_every"] if WORLD else 0,
         code=code_version("world/train.py", "prompts.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train stage2 --world {params.world} "
-        "--aligned {input.aligned} --out {output} {params.args} --seed {params.seed} "
-        "--checkpoint-every {params.every} > {log} 2>&1"
+        "VLMLAYERS_THREADS={threads} vlmlayers train stage2 --world {params.world:q} "
+        "--aligned {input.aligned:q} --out {output:q} {params.args} --seed {params.seed} "
+        "--checkpoint-every {params.every} > {log:q} 2>&1"
