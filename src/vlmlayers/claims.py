@@ -122,6 +122,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vlmlayers.depth import THIRDS, band_bounds, band_of, in_band
+
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURED = "supported", "not supported", "not measured"
 ROLE_ORDER = ("base", "aligned", "tuned", "variant")
 CLAIMS: dict[str, str] = {
@@ -174,7 +176,6 @@ CONDITIONS: dict[str, tuple[str, ...]] = {
 }
 OUT_COLUMNS = ("claim", "title", "criterion", "evidence", "verdict", "tests")
 DEFAULT_COLUMN = {"probe": "accuracy", "finetune": "accuracy", "intervention": "delta"}
-DEFAULT_THIRDS = (1 / 3, 2 / 3)
 # Keys of a test that are not row filters.
 RESERVED = {
     "table", "statistic", "compare", "role", "band", "thirds", "column", "min_gain", "min_rise",
@@ -183,32 +184,7 @@ RESERVED = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Depth bands and model roles (shared with plots.py)
-
-
-def band_bounds(band: str | Iterable[float], thirds: Iterable[float] = DEFAULT_THIRDS):
-    """(lo, hi) relative-depth bounds of ``band`` (early | middle | late | [lo, hi])."""
-    a, b = (float(x) for x in thirds)
-    if isinstance(band, str):
-        named = {"early": (-math.inf, a), "middle": (a, b), "late": (b, math.inf)}
-        if band not in named:
-            raise ValueError(f"band {band!r} is not early, middle, late or [lo, hi]")
-        return named[band]
-    lo, hi = (float(x) for x in band)
-    return lo, hi
-
-
-def band_of(depth: float, thirds: Iterable[float] = DEFAULT_THIRDS) -> str:
-    """early (< thirds[0]), middle (thirds[0] <= depth <= thirds[1]) or late."""
-    a, b = (float(x) for x in thirds)
-    return "early" if depth < a else ("late" if depth > b else "middle")
-
-
-def in_band(depth: float, band, thirds=DEFAULT_THIRDS) -> bool:
-    if isinstance(band, str):
-        return band_of(depth, thirds) == band
-    lo, hi = band_bounds(band, thirds)
-    return lo <= depth <= hi
+# Model roles (shared with plots.py)
 
 
 def parse_roles(pairs: Iterable[str] | None) -> dict[str, str]:
@@ -368,7 +344,7 @@ def _check_test(test, where: str) -> None:
     if "compare" in test and (not isinstance(test["compare"], list) or len(test["compare"]) != 2):
         raise ValueError(f"{where}: compare must be [role, role], got {test['compare']!r}")
     if "band" in test:
-        band_bounds(test["band"], test.get("thirds", DEFAULT_THIRDS))
+        band_bounds(test["band"], test.get("thirds", THIRDS))
     if "thirds" in test:
         _check_thirds(test["thirds"], f"{where}: thirds")
 
@@ -469,7 +445,7 @@ def _profile_of(rows: pd.DataFrame, test: Mapping) -> pd.Series:
 
 
 def _thirds(test: Mapping) -> tuple[float, float]:
-    a, b = test.get("thirds", DEFAULT_THIRDS)
+    a, b = test.get("thirds", THIRDS)
     return float(a), float(b)
 
 
@@ -714,7 +690,7 @@ def judge(
                 }
             )
             continue
-        thirds = spec.get("thirds", criteria.get("thirds", DEFAULT_THIRDS))
+        thirds = spec.get("thirds", criteria.get("thirds", THIRDS))
         outcomes = [
             run_test({"thirds": thirds, **test}, tables, roles or {}) for test in spec["tests"]
         ]

@@ -13,6 +13,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from vlmlayers.depth import parse_band
+
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -50,6 +52,13 @@ def validate(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str 
                 continue
             lines.append(f"  {'.'.join(path) or '(top level)'}: {error.message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
+    for name, band in config.get("finetune", {}).get("variants", {}).items():
+        try:
+            parse_band(band)  # LO < HI within [0, 1]: more than the schema's pattern can say
+        except ValueError as err:
+            raise ConfigError(
+                f"{source}: invalid configuration\n  finetune.variants.{name}: {err}"
+            ) from None
     return config
 
 

@@ -41,18 +41,11 @@ from torch import nn
 
 from vlmlayers import evaluate
 from vlmlayers.data import read_dataset
+from vlmlayers.depth import parse_band
 from vlmlayers.io import atomic_path, write_parquet
 from vlmlayers.models import LoadedModel, ModelSpec, load
 from vlmlayers.runtime import resolve_dtype, setup_torch
 
-THIRDS = (1 / 3, 2 / 3)
-BANDS: dict[str, tuple[tuple[float, float], ...]] = {
-    "full": ((0.0, 1.0),),
-    "early": ((0.0, THIRDS[0]),),
-    "middle": (THIRDS,),
-    "late": ((THIRDS[1], 1.0),),
-    "complement": ((0.0, THIRDS[0]), (THIRDS[1], 1.0)),
-}
 SNAPSHOTS = "snapshots"
 WARMUP_STEPS = 5  # steps left out of the per-step time (allocator and kernel warm-up)
 COLUMNS = [
@@ -60,24 +53,6 @@ COLUMNS = [
     "train_seconds", "step_seconds", "samples_per_second", "peak_mem_mb", "modality", "task",
     "subset", "metric", "accuracy", "ci_low", "ci_high", "n",
 ]  # fmt: skip
-
-
-def parse_band(text: str) -> tuple[tuple[float, float], ...]:
-    """A band name of :data:`BANDS` or ``LO:HI[,LO:HI...]`` in relative depth."""
-    if text in BANDS:
-        return BANDS[text]
-    try:
-        ranges = tuple(
-            tuple(float(x) for x in part.split(":", 1)) for part in text.split(",") if part
-        )
-    except ValueError:
-        ranges = ()
-    if not ranges or any(len(r) != 2 or not 0 <= r[0] < r[1] <= 1 for r in ranges):
-        raise ValueError(
-            f"band {text!r}: expected one of {sorted(BANDS)} or LO:HI[,LO:HI] with "
-            "0 <= LO < HI <= 1"
-        )
-    return ranges
 
 
 def band_layers(n_layers: int, band: str) -> list[int]:

@@ -44,7 +44,6 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from vlmlayers.claims import (  # noqa: E402
-    DEFAULT_THIRDS,
     NotMeasured,
     model_order,
     model_roles,
@@ -52,6 +51,7 @@ from vlmlayers.claims import (  # noqa: E402
     read_tables,
     with_roles,
 )
+from vlmlayers.depth import THIRDS  # noqa: E402
 
 CB = sns.color_palette("colorblind")
 ROLE_COLOURS = {"base": CB[7], "aligned": CB[0], "tuned": CB[1], "variant": CB[2]}
@@ -169,7 +169,7 @@ def _line(ax, rows: pd.DataFrame, colour, style=("-", "o"), label=None, band=Tru
         ax.fill_between(x[ok], lo[ok], hi[ok], color=colour, alpha=0.18, lw=0)
 
 
-def _thirds(ax, thirds=DEFAULT_THIRDS) -> None:
+def _thirds(ax, thirds=THIRDS) -> None:
     """Shade the middle third of depth (the axis label says so)."""
     a, b = thirds
     ax.axvspan(a, b, color="0.5", alpha=0.09, lw=0, zorder=0)
@@ -656,7 +656,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--thirds",
         nargs=2,
         type=float,
-        default=list(DEFAULT_THIRDS),
+        default=list(THIRDS),
         metavar=("LO", "HI"),
         help="bounds of the middle third shaded",
     )

@@ -139,9 +139,10 @@ def source_inputs(wildcards):
     """A source's local files and folders, so editing them remakes the prepared Parquet (a hub
     id is not a file: it is read from the Hugging Face cache)."""
     source = SOURCES[wildcards.dataset]
-    keys = ("path", "images", "questions")
-    paths = [local_input(source[k]) for k in keys if source.get(k)]
-    return [path for path in paths if path]
+    # An images folder (COCO: 40k files) is not an input: its files enter the prepared Parquet,
+    # but editing them in place needs --forcerun prepare_data (config/README.md).
+    keys = ("path", "questions")
+    return [local_input(source[k]) for k in keys if source.get(k)]
 
 
 def prepare_args(wildcards):
@@ -219,9 +220,18 @@ def modalities(name):
 
 def local_input(path):
     """`path` as a job input when the workflow makes it or it is here, else nothing: a hub id,
-    or a file on the cluster only, is the job's to read (and to name when it is missing).
-    """
-    return path if path.startswith(RESULTS) or Path(path).exists() else []
+    or a file on the cluster only, is the job's to read (and to name when it is missing). A
+    directory stands as the files in it: Snakemake's cache hashes input files by content (and
+    cannot open a directory), so a changed checkpoint or dataset is a new cache entry."""
+    if path.startswith(RESULTS):
+        return path
+    local = Path(path)
+    if local.is_dir():
+        files = sorted(
+            f for f in local.rglob("*") if f.is_file() and not f.name.startswith(".")
+        )
+        return [str(f) for f in files]
+    return path if local.exists() else []
 
 
 def checkpoint_input(name):
