@@ -1,11 +1,15 @@
-"""Real-model path: the workflow (world: null) on tiny random checkpoints of each family, and on
-data in each bring-your-own layout (vlmlayers prepare).
+"""Real-model path: the workflow (world: null) on tiny random checkpoints of each family, with
+the data in each bring-your-own layout (vlmlayers prepare).
 
 One Snakemake run over a bring-your-own config: every family's checkpoint is extracted in both
-prompt forms, probed, measured and evaluated on the tiny world's rows, and gets one attention
-knockout sweep; the tables must have every layer of every model. Families whose processors need
-torchvision to load (``NEEDS_VIDEO_SHIM``) are covered in-process by tests/test_models.py and
-tests/test_intervene.py: a workflow job cannot apply the test-only shim.
+prompt forms from the tiny world's rows given as a contract Parquet and as a CSV, a COCO captions
+file and a Hugging Face dataset; each is probed and measured, evaluated on a benchmark given as
+COCO, and gets one attention knockout sweep. The tables must have every layer of every model,
+and the same rows must give the same activations whatever layout they came in. The results
+directory's name holds a "; " so that an unquoted path in a shell command would break the run.
+Families whose processors need torchvision to load (``NEEDS_VIDEO_SHIM``) are covered
+in-process by tests/test_models.py and tests/test_intervene.py: a workflow job cannot apply the
+test-only shim.
 """
 
 from __future__ import annotations
@@ -22,25 +26,33 @@ from vlmlayers import activations
 from vlmlayers.models import ModelSpec, load
 
 WORKFLOW_FAMILIES = [f for f in FAMILIES if f not in NEEDS_VIDEO_SHIM and f != "llama"]
+MODELS = [*WORKFLOW_FAMILIES, "llama"]
+LAYOUTS = ("csv", "coco", "hf")  # beside "pairs", the same rows as a contract Parquet
+EVAL_LIMIT = 12
 
 
 @pytest.fixture(scope="module")
 def families_run(tiny_world, tmp_path_factory):
     base = tmp_path_factory.mktemp("families")
-    checkpoints = {f: build_tiny(f, base / "ckpt" / f) for f in [*WORKFLOW_FAMILIES, "llama"]}
-    models = {
-        f"tiny-{f}": {"path": str(p), "family": f, "role": "base" if f == "llama" else "tuned"}
-        for f, p in checkpoints.items()
-    }
+    rows = pd.read_parquet(tiny_world / "analysis.parquet")
+    rows.to_parquet(base / "pairs.parquet")
+    sources = export_formats(rows, base / "sources")
+    benchmark = export_formats(pd.read_parquet(tiny_world / "test.parquet"), base / "bench")
+    checkpoints = {f: build_tiny(f, base / "ckpt" / f) for f in MODELS}
+    results = base / "results; echo unquoted"
     config = {
-        "results_dir": str(base / "results"),
+        "results_dir": str(results),
         "world": None,
         "threads": 1,
-        "models": models,
-        "datasets": {"pairs": {"path": str(tiny_world / "analysis.parquet")}},
-        "benchmark": {"path": str(tiny_world / "test.parquet")},
+        "models": {
+            f"tiny-{f}": {"path": str(p), "family": f, "role": "base" if f == "llama" else "tuned"}
+            for f, p in checkpoints.items()
+        },
+        "datasets": {"pairs": {"path": str(base / "pairs.parquet")}}
+        | {layout: {"source": sources[layout]} for layout in LAYOUTS},
+        "benchmark": {"source": benchmark["coco"]},
         "extract": {"batch_size": 8, "shard_size": 16, "poolings": ["last", "mean_image"]},
-        "evaluate": {"batch_size": 8, "max_new_tokens": 2, "limit": 12},
+        "evaluate": {"batch_size": 8, "max_new_tokens": 2, "limit": EVAL_LIMIT},
         "intervene": {
             "batch_size": 8,
             "max_new_tokens": 2,
@@ -69,102 +81,52 @@ def families_run(tiny_world, tmp_path_factory):
         "--configfile",
         "config/families.yaml",
         env={"SNAKEMAKE_OUTPUT_CACHE": None},
-        timeout=1800,
+        timeout=2400,
     )
-    return base / "results", checkpoints
+    n_layers = {f: load(ModelSpec(name=f, path=str(p))).n_layers for f, p in checkpoints.items()}
+    return results, n_layers, len(rows)
 
 
 def test_every_family_runs_through_the_workflow(families_run):
-    results, checkpoints = families_run
-    for family in [*WORKFLOW_FAMILIES, "llama"]:
-        name = f"tiny-{family}"
-        n_layers = load(ModelSpec(name=name, path=str(checkpoints[family]))).n_layers
-        probe = pd.read_parquet(results / "probe" / name / "pairs.parquet")
-        assert sorted(probe["layer"].unique()) == list(range(n_layers + 1)), name
+    results, n_layers, _ = families_run
+    for family in MODELS:
+        name, layers = f"tiny-{family}", list(range(n_layers[family] + 1))
+        for dataset in ("pairs", *LAYOUTS):
+            probe = pd.read_parquet(results / "probe" / name / f"{dataset}.parquet")
+            assert sorted(probe["layer"].unique()) == layers, (name, dataset)
         geometry = pd.read_parquet(results / "geometry" / name / "pairs.parquet")
         # geometry skips layer 0 of the last-token pooling by design: there every sample is the
         # template's same last token (vlmlayers geometry --help)
-        assert set(range(1, n_layers + 1)) <= set(geometry["layer"]), name
+        assert set(layers[1:]) <= set(geometry["layer"]), name
         evaluation = pd.read_parquet(results / "eval" / f"{name}.parquet")
         forms = {"text"} if family == "llama" else {"image", "text"}
         assert set(evaluation["modality"]) == forms, name
         per_form = evaluation[evaluation["subset"] == "all"].groupby(["modality", "metric"])["n"]
-        assert (per_form.sum() == 12).all(), name  # 'all' rows are per task; tasks share the 12
+        assert (per_form.sum() == EVAL_LIMIT).all(), name  # 'all' rows are per task
         if family == "llama":
             continue
         knockout = pd.read_parquet(results / "intervention" / f"knockout-{family}.parquet")
         windows = knockout.loc[knockout["window_start"] >= 0, "window_start"].unique()
-        assert sorted(windows) == list(range(n_layers)), name
-        image = probe[probe["modality_test"] == "image"]
-        assert len(image), f"{name}: no image-form probes"
+        assert sorted(windows) == layers[:-1], name
+        assert (probe["modality_test"] == "image").any(), f"{name}: no image-form probes"
     for kind in ("probe", "id", "overlap", "eval", "intervention"):
         assert (results / "figures" / f"{kind}.png").stat().st_size > 5000
 
 
-ADAPTER_FAMILIES = ["llava", "idefics3"]
-
-
-@pytest.fixture(scope="module")
-def adapters_run(tiny_world, tmp_path_factory):
-    """One workflow over the same rows given directly (Parquet) and as each adapter source."""
-    base = tmp_path_factory.mktemp("adapters")
-    rows = pd.read_parquet(tiny_world / "analysis.parquet")
-    rows.to_parquet(base / "pairs.parquet")
-    sources = export_formats(rows, base / "sources")
-    benchmark = export_formats(pd.read_parquet(tiny_world / "test.parquet"), base / "bench")
-    checkpoints = {f: build_tiny(f, base / "ckpt" / f) for f in ADAPTER_FAMILIES}
-    results = base / "results; echo unquoted"  # a path that a shell would split and run
-    config = {
-        "results_dir": str(results),
-        "world": None,
-        "threads": 1,
-        "models": {f"tiny-{f}": {"path": str(p), "family": f} for f, p in checkpoints.items()},
-        "datasets": {"pairs": {"path": str(base / "pairs.parquet")}}
-        | {name: {"source": source} for name, source in sources.items()},
-        "benchmark": {"source": benchmark["coco"]},
-        "extract": {"batch_size": 8, "shard_size": 16, "poolings": ["last"]},
-        "evaluate": {"batch_size": 8, "max_new_tokens": 2, "limit": 8},
-        "probe": {"seeds": [0], "n_boot": 20, "poolings": ["last"]},
-        "geometry": {"k": 5, "gride_range_max": 8, "n_boot": 20, "poolings": ["last"]},
-        "claims": {},
-    }
-    workdir = copy_workflow(base / "wf")
-    (workdir / "config" / "adapters.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(
-        workdir,
-        "--cores",
-        "2",
-        "--configfile",
-        "config/adapters.yaml",
-        env={"SNAKEMAKE_OUTPUT_CACHE": None},
-        timeout=1800,
-    )
-    return results, checkpoints
-
-
-def test_every_adapter_format_gives_the_same_activations(adapters_run):
-    results, checkpoints = adapters_run
-    for family in ADAPTER_FAMILIES:
+def test_every_layout_gives_the_same_activations(families_run):
+    results, n_layers, n_rows = families_run
+    for family in MODELS:
         name = f"tiny-{family}"
-        n_layers = load(ModelSpec(name=name, path=str(checkpoints[family]))).n_layers
-        for modality in ("image", "text"):
+        forms = ["text"] if family == "llama" else ["image", "text"]
+        for modality in forms:
             # a CSV holds one caption per row, so its text form differs by design
-            formats = ["csv", "coco", "hf"] if modality == "image" else ["coco", "hf"]
-            for layer in range(n_layers + 1):
-                ids, reference = activations.load(
-                    results / "activations" / name / "pairs" / modality, layer
-                )
-                assert len(ids) == len(pd.read_parquet(results.parent / "pairs.parquet")), name
-                for fmt in formats:
-                    got_ids, got = activations.load(
-                        results / "activations" / name / fmt / modality, layer
-                    )
-                    assert list(got_ids) == list(ids), (name, fmt)
-                    np.testing.assert_array_equal(got, reference, err_msg=f"{name} {fmt}")
-        for fmt in ("pairs", "csv", "coco", "hf"):
-            probe = pd.read_parquet(results / "probe" / name / f"{fmt}.parquet")
-            assert sorted(probe["layer"].unique()) == list(range(n_layers + 1)), (name, fmt)
-        evaluation = pd.read_parquet(results / "eval" / f"{name}.parquet")
-        per_form = evaluation[evaluation["subset"] == "all"].groupby(["modality", "metric"])["n"]
-        assert (per_form.sum() == 8).all(), name
+            layouts = LAYOUTS if modality == "image" else ("coco", "hf")
+            for layer in range(n_layers[family] + 1):
+                stores = results / "activations" / name
+                ids, reference = activations.load(stores / "pairs" / modality, layer)
+                assert len(ids) == n_rows, name
+                for layout in layouts:
+                    got_ids, got = activations.load(stores / layout / modality, layer)
+                    assert list(got_ids) == list(ids), (name, layout)
+                    np.testing.assert_array_equal(got, reference, err_msg=f"{name} {layout}")
     assert len(pd.read_parquet(results / "data" / "benchmark.parquet")) == 32

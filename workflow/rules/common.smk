@@ -141,8 +141,8 @@ def source_inputs(wildcards):
     source = SOURCES[wildcards.dataset]
     # An images folder (COCO: 40k files) is not an input: its files enter the prepared Parquet,
     # but editing them in place needs --forcerun prepare_data (config/README.md).
-    keys = ("path", "questions")
-    return [local_input(source[k]) for k in keys if source.get(k)]
+    inputs = [local_input(source[k]) for k in ("path", "questions") if source.get(k)]
+    return [path for paths in inputs for path in ([paths] if isinstance(paths, str) else paths)]
 
 
 def prepare_args(wildcards):
