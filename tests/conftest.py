@@ -131,20 +131,10 @@ def crash_training_at(monkeypatch):
 @pytest.fixture(scope="session")
 def workflow_run(tmp_path_factory) -> tuple[Path, Path]:
     """The whole workflow on config/test.yaml, run locally once: (workdir, results dir)."""
-    from workflow_helpers import copy_workflow, run_snakemake
+    from workflow_helpers import copy_workflow, run_test_config
 
     base = tmp_path_factory.mktemp("workflow")
     workdir = copy_workflow(base / "wf")
     results = base / "results"
-    run_snakemake(
-        workdir,
-        "--cores",
-        "2",
-        "--configfile",
-        "config/test.yaml",
-        "--config",
-        f"results_dir={results}",
-        timeout=1800,
-        env={"SNAKEMAKE_OUTPUT_CACHE": None},
-    )
+    run_test_config(workdir, results)
     return workdir, results

@@ -140,6 +140,29 @@ def run_snakemake(
     return result
 
 
+def run_test_config(
+    workdir: str | os.PathLike,
+    results: str | os.PathLike,
+    *targets: str | os.PathLike,
+    env: Mapping | None = None,
+    timeout: float | None = 1800,
+) -> subprocess.CompletedProcess:
+    """`run_snakemake` on config/test.yaml with results in `results`, locally on 2 cores and
+    without the between-workflow cache; `env` adds to that."""
+    return run_snakemake(
+        workdir,
+        *map(str, targets),
+        "--cores",
+        "2",
+        "--configfile",
+        "config/test.yaml",
+        "--config",
+        f"results_dir={results}",
+        env={"SNAKEMAKE_OUTPUT_CACHE": None} | dict(env or {}),
+        timeout=timeout,
+    )
+
+
 def _is_array_column(series: pd.Series) -> bool:
     if series.dtype != object:
         return False

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from vlmlayers.data import Dataset, DatasetError, read_table, validate
 from vlmlayers.io import write_parquet
@@ -94,10 +95,10 @@ def embed_images(frame: pd.DataFrame) -> pd.DataFrame:
     An unreadable file leaves ``image`` empty and its ``image_path`` in place, so validation
     names the row and the file."""
     frame = frame.copy()
-    if "image" in frame:
-        frame["image"] = [_image_bytes(value) for value in frame["image"]]
-    elif "image_path" in frame:
-        frame["image"] = [_image_bytes(path) for path in frame["image_path"]]
+    column = "image" if "image" in frame else "image_path" if "image_path" in frame else None
+    if column:
+        values = tqdm(frame[column], desc="images", unit="img", leave=False)
+        frame["image"] = [_image_bytes(value) for value in values]
     return frame
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from workflow_helpers import SnakemakeFailed, copy_workflow, run_snakemake, tables_equal
+from workflow_helpers import SnakemakeFailed, copy_workflow, run_test_config, tables_equal
 
 # Loaded by every Python process of the job through PYTHONPATH: `vlmlayers train stage1` kills
 # itself with SIGKILL when it asks for the batch of step $KILL_STAGE1_AT_STEP (no handler, no
@@ -45,20 +45,17 @@ def test_kill_minus_nine_in_training_resumes_to_the_same_model(workflow_run, tmp
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILLER)
     target = results / "models" / "aligned"
-    args = [str(target), "--cores", "2", "--configfile", "config/test.yaml"]
-    args += ["--config", f"results_dir={results}"]
-    env = {"SNAKEMAKE_OUTPUT_CACHE": None}
     # test.yaml: stage 1 runs 10 steps with a checkpoint every 5; step 8 dies after the first.
-    killed = env | {
+    killed = {
         "PYTHONPATH": os.pathsep.join([str(workdir / "src"), str(hook)]),
         "KILL_STAGE1_AT_STEP": "8",
     }
     with pytest.raises(SnakemakeFailed, match="stage1"):
-        run_snakemake(workdir, *args, env=killed)
+        run_test_config(workdir, results, target, env=killed)
     assert not target.exists(), "a killed job must not leave its output"
     assert any(target.with_name("aligned.partial").rglob("*")), "no checkpoint to resume from"
 
-    run_snakemake(workdir, *args, env=env)
+    run_test_config(workdir, results, target)
     assert "resuming from step 5" in (workdir / "logs" / "stage1.log").read_text()
     got, want = _weights(target), _weights(reference / "models" / "aligned")
     assert got.keys() == want.keys() and got
@@ -82,16 +79,6 @@ def test_same_config_and_seed_give_identical_tables(workflow_run, tmp_path):
     tables = [p for kind in ("probe", "geometry") for p in (again / kind).rglob("*.parquet")]
     for table in tables:
         table.unlink()
-    run_snakemake(
-        workdir,
-        *map(str, tables),
-        "--cores",
-        "2",
-        "--configfile",
-        "config/test.yaml",
-        "--config",
-        f"results_dir={again}",
-        env={"SNAKEMAKE_OUTPUT_CACHE": None},
-    )
+    run_test_config(workdir, again, *tables)
     compared = tables_equal(results, again, "[pg][re]*/**/*.parquet", rtol=0, atol=0)
     assert len(compared) == len(tables)

@@ -108,13 +108,15 @@ def datasets():
 
 def data_sources():
     """name -> source of every dataset (and the benchmark) that `prepare_data` converts."""
+    if WORLD:
+        return {}
     sources = {
         name: entry["source"]
         for name, entry in config["datasets"].items()
-        if "source" in entry and not WORLD
+        if "source" in entry
     }
     benchmark = config["benchmark"] or {}
-    if "source" in benchmark and not WORLD:
+    if "source" in benchmark:
         if "benchmark" in sources:
             raise ValueError(
                 "datasets.benchmark: the name is taken by the benchmark's source"
@@ -141,8 +143,12 @@ def source_inputs(wildcards):
     source = SOURCES[wildcards.dataset]
     # An images folder (COCO: 40k files) is not an input: its files enter the prepared Parquet,
     # but editing them in place needs --forcerun prepare_data (config/README.md).
-    inputs = [local_input(source[k]) for k in ("path", "questions") if source.get(k)]
-    return [path for paths in inputs for path in ([paths] if isinstance(paths, str) else paths)]
+    return [
+        p
+        for k in ("path", "questions")
+        if source.get(k)
+        for p in local_input(source[k])
+    ]
 
 
 def prepare_args(wildcards):
@@ -219,19 +225,20 @@ def modalities(name):
 
 
 def local_input(path):
-    """`path` as a job input when the workflow makes it or it is here, else nothing: a hub id,
-    or a file on the cluster only, is the job's to read (and to name when it is missing). A
-    directory stands as the files in it: Snakemake's cache hashes input files by content (and
-    cannot open a directory), so a changed checkpoint or dataset is a new cache entry."""
-    if path.startswith(RESULTS):
-        return path
+    """The job inputs that stand for `path`: itself when the workflow makes it or it is a file
+    here; none for a hub id or a file on the cluster only (the job reads it, and names it when
+    it is missing). A directory here stands as the files in it: Snakemake's cache hashes input
+    files by content (and cannot open a directory), so a changed checkpoint or dataset is a new
+    cache entry."""
     local = Path(path)
+    if path.startswith(RESULTS) or local.is_file():
+        return [path]
     if local.is_dir():
         files = sorted(
             f for f in local.rglob("*") if f.is_file() and not f.name.startswith(".")
         )
         return [str(f) for f in files]
-    return path if local.exists() else []
+    return []
 
 
 def checkpoint_input(name):
