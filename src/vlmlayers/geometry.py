@@ -320,6 +320,28 @@ def linear_cka(
     return _apply(_cka, [A, B], device, dtype)
 
 
+def matrix_entropy(
+    X: ArrayLike | Pairwise,
+    *,
+    alpha: float = 1.0,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> float | np.ndarray:
+    """Matrix-based entropy (Renyi order ``alpha``) of a set of points (Giraldo, Rao & Principe
+    2015, IEEE TIT 61:535; per layer as in Skean et al. 2025, "Layer by layer", ICML).
+
+    Rows are centred, then L2-normalised (a row equal to the mean stays 0); K = Z Z^T / tr(Z Z^T)
+    has eigenvalues lambda summing to 1 and S = log(sum lambda^alpha) / (1 - alpha), the von
+    Neumann entropy -sum lambda log lambda at alpha = 1 (nats). log(rank) for equal eigenvalues,
+    0 for rank-1 data. Unlike the study's scripts, Gram entries are not clamped at 0 (clamping
+    changes the spectrum and can break positive semi-definiteness). Uses every row, duplicates
+    included; for one prompt's token matrix pass its (T, D) array.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    return _apply(lambda p: _entropy(p.gram, alpha), [X], device, dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Batched implementations on Pairwise
 
@@ -447,6 +469,17 @@ def _cka(a: Pairwise, b: Pairwise) -> torch.Tensor:
     _check_same_points(a, b)
     hsic = (a.gram * b.gram).sum(dim=(1, 2))
     return hsic / (torch.linalg.matrix_norm(a.gram) * torch.linalg.matrix_norm(b.gram))
+
+
+def _entropy(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    cosine = gram * scale[..., :, None] * scale[..., None, :]
+    trace = torch.diagonal(cosine, dim1=-2, dim2=-1).sum(-1)
+    eigen = torch.linalg.eigvalsh(cosine / trace[..., None, None]).clamp_min(0)
+    if alpha == 1.0:
+        return -torch.special.xlogy(eigen, eigen).sum(-1)
+    return torch.log((eigen**alpha).sum(-1)) / (1.0 - alpha)
 
 
 # --------------------------------------------------------------------------------------------
