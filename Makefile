@@ -18,6 +18,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@command -v uv >/dev/null 2>&1 || test -x $(UV) || python3 -m pip install -q --user uv
 	test -x $(BIN)/python || $(UV) venv -q -p python3.11 $(VENV)
 	$(UV_INSTALL) -r requirements.lock
+	@# lmms-eval pulls torchvision from PyPI, whose compiled ops do not match the local CPU torch
+	@# and break `import transformers`' vision models; nothing here needs it.
+	$(UV) pip uninstall -q -p $(BIN)/python torchvision 2>/dev/null || true
 	$(UV_INSTALL) --no-deps -e .
 	@# DADApy (reference estimators for the geometry tests) pins numpy<2 and jax; its pure-Python
 	@# estimators are all we call, so it goes in without its dependencies.

@@ -85,7 +85,15 @@ def test_minimal_config_gets_every_section_default(tmp_path):
         "dtype": "auto",
         "poolings": ["last", "mean_image", "mean_text"],
     }
-    assert config["evaluate"] == {"batch_size": 32, "max_new_tokens": 5, "limit": 0}
+    assert config["evaluate"] == {
+        "batch_size": 32,
+        "max_new_tokens": 5,
+        "limit": 0,
+        "harness": "lmms-eval",
+        "task_prefix": "benchmark",
+        "lmms_tasks": [],
+        "include_path": [],
+    }
     assert config["probe"]["seeds"] == [0, 1, 2]
     assert config["probe"]["test_fraction"] == 0.25
     assert config["geometry"]["baseline_label"] == "question_type"

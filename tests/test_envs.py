@@ -52,7 +52,7 @@ def env_pins(env: Path) -> dict[str, str]:
 
 
 def test_there_are_envs_and_rules():
-    assert {p.name for p in ENVS} >= {"torch.yaml", "plot.yaml"}
+    assert {p.name for p in ENVS} >= {"torch.yaml", "eval.yaml", "plot.yaml"}
     assert RULE_FILES
 
 
@@ -98,6 +98,13 @@ def test_torch_env_pins_torch_and_the_package_dependencies():
     plotting = {"seaborn"}  # the figures run in the plot env
     assert needed - plotting - set(pins) == set()
     assert "torch==2.13.0" in text
+
+
+def test_eval_env_is_the_torch_env_plus_lmms_eval():
+    torch_pins = env_pins(ROOT / "envs" / "torch.yaml")
+    eval_pins = env_pins(ROOT / "envs" / "eval.yaml")
+    assert eval_pins.pop("lmms-eval") == read_lock()["lmms-eval"]
+    assert eval_pins == torch_pins
 
 
 def test_plot_env_has_no_torch():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import re
 import string
 from collections.abc import Callable
@@ -60,8 +61,14 @@ def answer_logprob(loaded: LoadedModel, batch) -> torch.Tensor:
     return (logp * mask).sum(1)
 
 
+ANSWER_STOPS = ("\n", ".")  # a short answer ends at the first line break or full stop
+
+
 @torch.no_grad()
-def generate_answers(loaded: LoadedModel, batch, max_new_tokens: int) -> list[str]:
+def generate_answers(
+    loaded: LoadedModel, batch, max_new_tokens: int, until: tuple[str, ...] = ANSWER_STOPS
+) -> list[str]:
+    """Greedy continuations, each cut at the first of the ``until`` strings and stripped."""
     out = loaded.model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
@@ -70,7 +77,8 @@ def generate_answers(loaded: LoadedModel, batch, max_new_tokens: int) -> list[st
     )
     new = out[:, batch["input_ids"].shape[1] :]
     texts = loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [re.split(r"[\n.]", t.strip())[0].strip() for t in texts]
+    stops = "|".join(re.escape(s) for s in until if s)
+    return [(re.split(stops, t.strip())[0] if stops else t).strip() for t in texts]
 
 
 def score_rows(
@@ -112,10 +120,20 @@ def score_rows(
     return pd.DataFrame(results)
 
 
+SCORED_COLUMNS = (("accuracy", "correct"), ("answer_logprob", "answer_logprob"))
+
+
+def _stderr(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
 def summarise(
     scored: pd.DataFrame, data: pd.DataFrame, model: str, role: str, seed: int, n_boot: int = 1000
 ) -> pd.DataFrame:
-    """Tidy rows per modality x task x subset (all / seen / heldout pairs when known)."""
+    """Tidy rows per modality x task x subset (all / seen / heldout pairs when known): accuracy
+    (and answer log-probability when scored) with a bootstrap CI and the standard error of the
+    mean (sample SD / sqrt(n), as lmms-eval reports it)."""
+    metrics = [(m, c) for m, c in SCORED_COLUMNS if c in scored]
     merged = scored.merge(data.drop(columns=["image"], errors="ignore"), on="id")
     merged["task"] = merged.get("task", "all")
     subsets = {"all": np.ones(len(merged), bool)}
@@ -128,7 +146,7 @@ def summarise(
     for (modality, task), group in merged.groupby(["modality", "task"]):
         for subset, mask in subsets.items():
             part = group[mask[group.index]]
-            for metric, column in (("accuracy", "correct"), ("answer_logprob", "answer_logprob")):
+            for metric, column in metrics:
                 values = part[column].to_numpy(float)
                 low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
                 rows.append(
@@ -142,6 +160,7 @@ def summarise(
                         "value": float(values.mean()) if len(values) else float("nan"),
                         "ci_low": float(low),
                         "ci_high": float(high),
+                        "stderr": _stderr(values),
                         "n": len(values),
                         "seed": seed,
                     }
@@ -192,6 +211,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="tidy Parquet to write")
     parser.add_argument("--predictions", type=Path, help="also write per-sample predictions")
+    parser.add_argument(
+        "--harness",
+        choices=["lmms-eval", "plain"],
+        default="lmms-eval",
+        help="lmms-eval (the benchmark as lmms-eval tasks; see vlmlayers.harness) or the plain "
+        "loop (same prompts and scoring, no lmms-eval import; adds answer log-probabilities)",
+    )
+    parser.add_argument(
+        "--task-prefix", default="benchmark", help="lmms-eval task names: PREFIX_TASK[_text]"
+    )
+    parser.add_argument(
+        "--lmms-tasks", nargs="*", default=[], help="also run these lmms-eval tasks (e.g. mmvp)"
+    )
+    parser.add_argument(
+        "--include-path", type=Path, nargs="*", default=[], help="extra lmms-eval task folders"
+    )
+    parser.add_argument(
+        "--tasks-dir", type=Path, help="keep the generated task YAML + data here (default: temp)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -204,15 +242,31 @@ def run(args: argparse.Namespace) -> None:
     data = read_dataset(args.data, args.on_bad_rows, needs_image="image" in modalities).frame
     if args.limit:
         data = data.head(args.limit)
-    table, scored = score_model(
-        loaded,
-        data,
-        modalities,
-        seed=args.seed,
-        n_captions=args.n_captions,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
+    settings = {
+        "seed": args.seed,
+        "n_captions": args.n_captions,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    if args.harness == "plain":
+        table, scored = score_model(loaded, data, modalities, **settings)
+    else:
+        from vlmlayers import harness
+
+        if args.lmms_tasks and not loaded.is_multimodal:
+            print(f"{args.model} is text-only: skipping the image tasks {args.lmms_tasks}")
+            args.lmms_tasks = []
+        table, scored = harness.score_model(
+            loaded,
+            data,
+            modalities,
+            prefix=args.task_prefix,
+            extra_tasks=args.lmms_tasks,
+            include_path=args.include_path,
+            tasks_dir=args.tasks_dir,
+            limit=args.limit,
+            **settings,
+        )
     write_parquet(table, args.out)
     if args.predictions:
         write_parquet(scored, args.predictions)

@@ -27,25 +27,44 @@ def _turns(user_content: list[dict], prefill: str) -> list[Message]:
     ]
 
 
+def image_prompt(question: str) -> str:
+    """The user text of the image form: the question, then the single-word suffix."""
+    return f"{question}\n{SUFFIX}"
+
+
+def text_prompt(captions: list[str], question: str) -> str:
+    """The user text of the text form: numbered captions, then the same question and suffix."""
+    lines = [TEXT_PREAMBLE.format(n=len(captions))]
+    lines += [f"{i}. {c}" for i, c in enumerate(captions, start=1)]
+    lines += [question, SUFFIX]
+    return "\n".join(lines)
+
+
+def captions_of(row, n_captions: int) -> list[str]:
+    """The first ``n_captions`` of a row's ``captions`` list, else its single ``caption``."""
+    captions = row.get("captions")
+    return list(captions)[:n_captions] if captions is not None else [row["caption"]]
+
+
+def chat(text: str, n_images: int = 0, prefill: str | None = ANSWER_PREFIX) -> list[Message]:
+    """One user turn (``n_images`` images, then ``text``), the assistant turn prefilled."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return _turns(content, prefill) if prefill else [{"role": "user", "content": content}]
+
+
 def image_messages(question: str) -> list[Message]:
     """Image form: image + question + suffix, assistant prefilled with "Answer:"."""
-    text = f"{question}\n{SUFFIX}"
-    return _turns([{"type": "image"}, {"type": "text", "text": text}], ANSWER_PREFIX)
+    return chat(image_prompt(question), n_images=1)
 
 
 def text_messages(captions: list[str], question: str) -> list[Message]:
     """Text form: numbered captions + the same question and suffix."""
-    lines = [TEXT_PREAMBLE.format(n=len(captions))]
-    lines += [f"{i}. {c}" for i, c in enumerate(captions, start=1)]
-    lines += [question, SUFFIX]
-    return _turns([{"type": "text", "text": "\n".join(lines)}], ANSWER_PREFIX)
+    return chat(text_prompt(captions, question))
 
 
 def caption_messages() -> list[Message]:
     """Captioning prompt (LLaVA stage 1, captioning benchmark); the reply is not prefilled."""
-    return [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}
-    ]
+    return chat(CAPTION_REQUEST, n_images=1, prefill=None)
 
 
 def with_answer(messages: list[Message], answer: str) -> list[Message]:
@@ -60,9 +79,7 @@ def conversation(row: dict, modality: str, n_captions: int) -> list[Message]:
     if modality == "image":
         return image_messages(row["question"])
     if modality == "text":
-        captions = row.get("captions")
-        captions = list(captions)[:n_captions] if captions is not None else [row["caption"]]
-        return text_messages(captions, row["question"])
+        return text_messages(captions_of(row, n_captions), row["question"])
     raise ValueError(f"unknown modality {modality!r} (expected 'image' or 'text')")
 
 

@@ -241,6 +241,17 @@ def local_input(path):
     return []
 
 
+def lmms_args(wildcards):
+    """vlmlayers evaluate's lmms-eval flags: task names, extra tasks and task folders."""
+    e = config["evaluate"]
+    words = ["--task-prefix", e["task_prefix"]]
+    if e["lmms_tasks"] and "image" in modalities(wildcards.model):  # image-form tasks
+        words += ["--lmms-tasks", *e["lmms_tasks"]]
+    if e["include_path"]:
+        words += ["--include-path", *e["include_path"]]
+    return shlex.join(words)
+
+
 def checkpoint_input(name):
     """The checkpoint a job reads (tiny-world models are produced directories)."""
     return local_input(MODELS[name]["path"])
