@@ -29,7 +29,6 @@ import torch
 import yaml
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from vlmlayers import evaluate, intervene, prompts
@@ -41,7 +40,12 @@ TASK_TEMPLATES = Path(__file__).with_name("lmms_tasks")
 FORMS = {"image": "", "text": "_text"}  # prompt form -> task-name suffix
 METRIC = "exact_match"
 
-MANIFEST = ModelManifest(model_id="vlmlayers", simple_class_path="vlmlayers.harness.VlmlayersLMM")
+
+def manifest():
+    """The ``lmms_eval.models`` entry point: ``--model vlmlayers`` is :class:`VlmlayersLMM`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="vlmlayers", simple_class_path="vlmlayers.harness.VlmlayersLMM")
 
 
 class VlmlayersLMM(lmms):
