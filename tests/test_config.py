@@ -93,6 +93,7 @@ def test_minimal_config_gets_every_section_default(tmp_path):
         "task_prefix": "benchmark",
         "lmms_tasks": [],
         "include_path": [],
+        "captioning": True,
     }
     assert config["probe"]["seeds"] == [0, 1, 2]
     assert config["probe"]["test_fraction"] == 0.25

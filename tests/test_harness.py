@@ -31,6 +31,8 @@ def both_ways(loaded, data, modalities, **kwargs):
 
 
 def assert_same_scores(lmms_table, lmms_rows, plain_table, plain_rows):
+    lmms_rows = lmms_rows[lmms_rows.modality != "caption"]
+    lmms_table = lmms_table[lmms_table.task != "caption"]
     rows = lmms_rows.merge(plain_rows, on=["id", "modality"], suffixes=("_lmms", "_plain"))
     assert len(rows) == len(plain_rows) == len(lmms_rows)
     assert rows["prediction_lmms"].tolist() == rows["prediction_plain"].tolist()
@@ -45,7 +47,12 @@ def assert_same_scores(lmms_table, lmms_rows, plain_table, plain_rows):
 def test_lmms_eval_answers_and_scores_equal_the_plain_loop(name, tiny_models, tiny_world):
     loaded = load(ModelSpec(name=name, path=str(tiny_models[name]), role=name))
     data = pd.read_parquet(tiny_world / "test.parquet")
-    assert_same_scores(*both_ways(loaded, data, ["image", "text"]))
+    scores = both_ways(loaded, data, ["image", "text"], captioning=True)
+    assert_same_scores(*scores)
+    cider = scores[0].query("task == 'caption'")
+    assert cider["metric"].tolist() == ["cider"] and cider["n"].item() == data["image"].nunique()
+    captions = scores[1].query("modality == 'caption'")
+    assert cider["value"].item() == pytest.approx(captions["cider"].mean())
 
 
 def test_lmms_eval_scores_a_trained_model_like_the_plain_loop(tiny_world, tmp_path):
@@ -175,3 +182,18 @@ def test_the_paper_config_names_tasks_lmms_eval_knows():
     assert {"mmvp", "cv_bench", "realworldqa", "pope"} <= set(named)
     known = set(TaskManager(include_defaults=True).all_tasks)
     assert set(named) <= known, sorted(set(named) - known)
+
+
+def test_captions_are_scored_by_cider_against_the_references(tiny_world, tmp_path):
+    """Each distinct image once, the captioning prompt with no prefilled reply, CIDEr-D per image
+    equal to pycocoevalcap's on the same words; a reference caption scores high, an empty one 0."""
+    data = pd.read_parquet(tiny_world / "test.parquet")
+    names = harness.write_tasks(data, tmp_path, "tw", ["image"], captioning=True)
+    assert names["tw_caption"] == ("caption", "caption")
+    rows = pd.read_parquet(tmp_path / "tw_caption.parquet")
+    assert len(rows) == data["image"].nunique() and rows["id"].is_unique
+    refs = [list(c) for c in rows["captions"]]
+    own = evaluate.cider([r[0] for r in refs], refs)
+    assert (own > 1.0).all()
+    assert evaluate.cider(["", *[r[0] for r in refs[1:]]], refs)[0] == 0.0
+    assert evaluate.caption_words("Three small, yellow circles .") == "three small yellow circles"

@@ -30,13 +30,14 @@ from vlmlayers.stats import bootstrap_ci
 _NUMBERS = "zero one two three four five six seven eight nine ten"
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(_NUMBERS.split())}  # noqa: SIM905
 ARTICLES = {"a", "an", "the"}
+_NO_PUNCTUATION = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
 
 def normalise_answer(text: str | None) -> str:
     """Lower-case, drop punctuation and articles, map number words to digits, squeeze spaces."""
     if text is None:
         return ""
-    text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+    text = text.lower().translate(_NO_PUNCTUATION)
     words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
     return " ".join(words)
 
@@ -45,6 +46,29 @@ def exact_match(prediction: str | None, answer: str) -> bool:
     """True iff both normalise to the same non-empty string."""
     pred = normalise_answer(prediction)
     return bool(pred) and pred == normalise_answer(answer)
+
+
+def caption_words(text: str | None) -> str:
+    """A caption as CIDEr's references are tokenised: lower case, punctuation dropped, single
+    spaces (what coco-caption's Java PTB tokenizer does to plain ASCII captions)."""
+    if text is None:
+        return ""
+    return " ".join(text.lower().translate(_NO_PUNCTUATION).split())
+
+
+def cider(predictions: list[str | None], references: list[list[str]]) -> np.ndarray:
+    """Per-image CIDEr-D (Vedantam, Zitnick & Parikh 2015, CVPR) by pycocoevalcap's scorer (n=4,
+    sigma=6, document frequencies from these references); the corpus score is the mean. A
+    missing prediction is an empty caption (score 0)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if not predictions:
+        return np.array([])
+    keys = range(len(predictions))
+    res = {k: [caption_words(p)] for k, p in zip(keys, predictions, strict=True)}
+    gts = {k: [caption_words(r) for r in refs] for k, refs in zip(keys, references, strict=True)}
+    _, scores = Cider().compute_score(gts, res)
+    return np.asarray(scores, dtype=float)
 
 
 @torch.no_grad()
@@ -123,7 +147,8 @@ def score_rows(
 SCORED_COLUMNS = (("accuracy", "correct"), ("answer_logprob", "answer_logprob"))
 
 
-def _stderr(values: np.ndarray) -> float:
+def standard_error(values: np.ndarray) -> float:
+    """Sample SD / sqrt(n) (NaN below 2 values), as lmms-eval reports a mean's stderr."""
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
@@ -132,7 +157,7 @@ def summarise(
 ) -> pd.DataFrame:
     """Tidy rows per modality x task x subset (all / seen / heldout pairs when known): accuracy
     (and answer log-probability when scored) with a bootstrap CI and the standard error of the
-    mean (sample SD / sqrt(n), as lmms-eval reports it)."""
+    mean (:func:`standard_error`)."""
     metrics = [(m, c) for m, c in SCORED_COLUMNS if c in scored]
     merged = scored.merge(data.drop(columns=["image"], errors="ignore"), on="id")
     merged["task"] = merged.get("task", "all")
@@ -160,7 +185,7 @@ def summarise(
                         "value": float(values.mean()) if len(values) else float("nan"),
                         "ci_low": float(low),
                         "ci_high": float(high),
-                        "stderr": _stderr(values),
+                        "stderr": standard_error(values),
                         "n": len(values),
                         "seed": seed,
                     }
@@ -230,6 +255,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks-dir", type=Path, help="keep the generated task YAML + data here (default: temp)"
     )
+    parser.add_argument(
+        "--captioning",
+        action="store_true",
+        help="lmms-eval: also caption the benchmark's distinct images, scored by CIDEr-D",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -264,6 +294,7 @@ def run(args: argparse.Namespace) -> None:
             extra_tasks=args.lmms_tasks,
             include_path=args.include_path,
             tasks_dir=args.tasks_dir,
+            captioning=args.captioning and "image" in modalities,
             limit=args.limit,
             **settings,
         )

@@ -35,6 +35,7 @@ from vlmlayers import evaluate, intervene, prompts
 from vlmlayers.io import write_parquet
 from vlmlayers.models import LoadedModel, ModelSpec, load
 from vlmlayers.runtime import resolve_dtype, setup_torch
+from vlmlayers.stats import bootstrap_ci
 
 TASK_TEMPLATES = Path(__file__).with_name("lmms_tasks")
 FORMS = {"image": "", "text": "_text"}  # prompt form -> task-name suffix
@@ -118,9 +119,15 @@ class VlmlayersLMM(lmms):
         *_, doc_id, task, split = request.args
         return self.task_dict[task][split][doc_id]
 
-    def _encode(self, contexts: list[str], visuals: list[list], replies: list[str] | None = None):
+    def _encode(
+        self,
+        contexts: list[str],
+        visuals: list[list],
+        replies: list[str] | None = None,
+        prefill: str | None = None,
+    ):
         conversations = [
-            prompts.chat(c, n_images=len(v), prefill=self.prefill)
+            prompts.chat(c, n_images=len(v), prefill=prefill)
             for c, v in zip(contexts, visuals, strict=True)
         ]
         images = visuals if visuals[0] else None
@@ -148,8 +155,11 @@ class VlmlayersLMM(lmms):
         for indices in self._batches(keys):
             settings = dict(requests[indices[0]].args[1])
             until = settings.get("until") or []
+            prefill = settings.get("prefill", self.prefill)  # a task may ask for none ("")
             batch = self._encode(
-                [requests[i].args[0] for i in indices], [visuals[i] for i in indices]
+                [requests[i].args[0] for i in indices],
+                [visuals[i] for i in indices],
+                prefill=prefill or None,
             )
             with self.intervention():
                 texts = evaluate.generate_answers(
@@ -175,7 +185,7 @@ class VlmlayersLMM(lmms):
                 for r, t in ((r, r.args[1]) for r in chosen)
             ]
             batch = self._encode(
-                [r.args[0] for r in chosen], [visuals[i] for i in indices], targets
+                [r.args[0] for r in chosen], [visuals[i] for i in indices], targets, self.prefill
             )
             labels = batch.pop("labels")
             with self.intervention():
@@ -221,10 +231,12 @@ def write_tasks(
     forms: list[str],
     n_captions: int = 2,
     max_new_tokens: int = 5,
+    captioning: bool = False,
 ) -> dict[str, tuple[str, str]]:
-    """One YAML + one Parquet per task x form of ``data`` in ``out`` and a group ``prefix``.
+    """One YAML + one Parquet per task x form of ``data`` in ``out``, groups ``prefix`` and
+    ``prefix_text``; with ``captioning``, also ``prefix_caption`` over the distinct images.
 
-    Returns {lmms-eval task name: (task, form)}."""
+    Returns {lmms-eval task name: (task, form)}, form "caption" for the captioning task."""
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted(data["task"].unique()) if "task" in data else ["all"]
     names: dict[str, tuple[str, str]] = {}
@@ -247,6 +259,20 @@ def write_tasks(
             }
             (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
             names[name] = (task, form)
+    if captioning and "image" in forms:
+        images = data.drop_duplicates(subset=[_image_key(data)])
+        references = [prompts.captions_of(row) for _, row in images.iterrows()]
+        rows = images.filter(["id", "image", "image_path"]).assign(captions=references)
+        data_file = (out / f"{prefix}_caption.parquet").resolve()
+        write_parquet(rows.reset_index(drop=True), data_file)
+        name = f"{prefix}_caption"
+        spec = {
+            "include": str(TASK_TEMPLATES / "_vlmlayers_caption.yaml"),
+            "task": name,
+            "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        }
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        names[name] = ("caption", "caption")
     for form in forms:  # one group per form: prefix (image), prefix_text
         group = {
             "group": f"{prefix}{FORMS[form]}",
@@ -255,6 +281,11 @@ def write_tasks(
         }
         (out / f"{group['group']}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
     return names
+
+
+def _image_key(data: pd.DataFrame) -> str:
+    """The column that identifies an image: its path, else its bytes."""
+    return "image_path" if "image_path" in data and "image" not in data else "image"
 
 
 def run_tasks(
@@ -354,20 +385,25 @@ def score_model(
     n_captions: int = 2,
     batch_size: int = 16,
     max_new_tokens: int = 5,
+    captioning: bool = False,
     limit: int = 0,
     seed: int = 0,
     n_boot: int = 1000,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`vlmlayers.evaluate.score_model` through lmms-eval: the contract benchmark ``data``
     in each prompt form, plus lmms-eval's own ``extra_tasks`` (image form, their metrics; at most
-    ``limit`` items each). One ``simple_evaluate`` call for all of them. Returns the same tidy
-    table (model, role, modality, task, subset, metric, value, ci_low, ci_high, stderr, n, seed)
-    and per-sample rows (id, modality, prediction, correct)."""
+    ``limit`` items each) and, with ``captioning``, CIDEr of captions for its distinct images
+    (task "caption", metric "cider"). One ``simple_evaluate`` call for all of them. Returns the
+    same tidy table (model, role, modality, task, subset, metric, value, ci_low, ci_high,
+    stderr, n, seed) and per-sample rows (id, modality, prediction, correct; captions have
+    modality "caption" and their CIDEr-D in ``cider``)."""
     model = VlmlayersLMM(loaded=loaded, batch_size=batch_size, intervention=intervention)
     with contextlib.ExitStack() as stack:
         if tasks_dir is None:
             tasks_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasks-")))
-        names = write_tasks(data, tasks_dir, prefix, modalities, n_captions, max_new_tokens)
+        names = write_tasks(
+            data, tasks_dir, prefix, modalities, n_captions, max_new_tokens, captioning
+        )
         results = run_tasks(
             model,
             [*names, *extra_tasks],
@@ -376,6 +412,7 @@ def score_model(
             limit=limit,
             seed=seed,
         )
+    answers = [name for name, (_, form) in names.items() if form != "caption"]
     scored = pd.DataFrame(
         [
             {
@@ -384,12 +421,31 @@ def score_model(
                 "prediction": sample["filtered_resps"][0],
                 "correct": float(sample[METRIC]) == 1.0,
             }
-            for task in names
+            for task in answers
             for sample in results["samples"][task]
         ]
     )
     spec = loaded.spec
     table = evaluate.summarise(scored, data, spec.name, spec.role, seed, n_boot)
+    captions = [name for name in names if name not in answers]
+    if captions:
+        samples = results["samples"][captions[0]]
+        captioned = pd.DataFrame(
+            {
+                "id": [s["doc"]["id"] for s in samples],
+                "modality": "caption",
+                "prediction": [s["filtered_resps"][0] for s in samples],
+                "cider": evaluate.cider(
+                    [s["filtered_resps"][0] for s in samples],
+                    [list(s["doc"]["captions"]) for s in samples],
+                ),
+            }
+        )
+        scored = pd.concat([scored, captioned], ignore_index=True)
+        table = pd.concat(
+            [table, _caption_row(captioned["cider"].to_numpy(), spec, seed, n_boot)],
+            ignore_index=True,
+        )
     extra = [
         {
             "model": spec.name,
@@ -410,6 +466,25 @@ def score_model(
         if "," in key and "_stderr" not in key and isinstance(value, int | float)
     ]
     return pd.concat([table, pd.DataFrame(extra)], ignore_index=True), scored
+
+
+def _caption_row(scores, spec: ModelSpec, seed: int, n_boot: int) -> pd.DataFrame:
+    low, high = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+    row = {
+        "model": spec.name,
+        "role": spec.role,
+        "modality": "image",
+        "task": "caption",
+        "subset": "all",
+        "metric": "cider",
+        "value": float(scores.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "stderr": evaluate.standard_error(scores),
+        "n": len(scores),
+        "seed": seed,
+    }
+    return pd.DataFrame([row])
 
 
 def _number(value) -> float:

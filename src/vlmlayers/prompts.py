@@ -40,8 +40,8 @@ def text_prompt(captions: list[str], question: str) -> str:
     return "\n".join(lines)
 
 
-def captions_of(row, n_captions: int) -> list[str]:
-    """The first ``n_captions`` of a row's ``captions`` list, else its single ``caption``."""
+def captions_of(row, n_captions: int | None = None) -> list[str]:
+    """The first ``n_captions`` (None: all) of a row's ``captions`` list, else its ``caption``."""
     captions = row.get("captions")
     return list(captions)[:n_captions] if captions is not None else [row["caption"]]
 

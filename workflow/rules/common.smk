@@ -249,6 +249,8 @@ def lmms_args(wildcards):
         words += ["--lmms-tasks", *e["lmms_tasks"]]
     if e["include_path"]:
         words += ["--include-path", *e["include_path"]]
+    if e["captioning"]:
+        words.append("--captioning")
     return shlex.join(words)
 
 

@@ -31,6 +31,7 @@ rule evaluate:
             "lmms_tasks/_vlmlayers_contract.yaml",
             "lmms_tasks/_vlmlayers_image.yaml",
             "lmms_tasks/_vlmlayers_text.yaml",
+            "lmms_tasks/_vlmlayers_caption.yaml",
         ),
     shell:
         "VLMLAYERS_THREADS={threads} vlmlayers evaluate --model {wildcards.model:q} "
