@@ -44,7 +44,7 @@ def _train(world, aligned, out, variant, *extra):
     main(
         [
             "finetune", "train", "--variant", variant, "--aligned", str(aligned),
-            "--data", str(world / "train.parquet"), *TRAIN, "--snapshots", "2",
+            "--data", str(world / "train.parquet"), *TRAIN, "--snapshot-every", "2",
             "--out", str(out), *extra,
         ]
     )  # fmt: skip
@@ -132,7 +132,12 @@ def test_score_and_table(tiny_world, tiny_models, middle_run, tmp_path):
     main(["finetune", "table", "--runs", *map(str, scored), "--out", str(table_path)])
     table = pd.read_parquet(table_path)
     assert set(claims.TABLES["finetune"]) <= set(table.columns)
-    assert set(table["comparison"]) == {"equal_steps", "equal_time"}
+    assert set(table["comparison"]) == {"equal_steps", "equal_time", "curve"}
+    curve = table[table["comparison"] == "curve"]
+    for _, run in curve.groupby("variant"):  # every snapshot, in both prompt forms, with its time
+        assert sorted(run["step"].unique()) == [2, 4]
+        assert set(run["modality"]) == {"image", "text"}
+        assert run.groupby("step")["train_seconds"].first().is_monotonic_increasing
     assert (table.loc[table["comparison"] == "equal_steps", "step"] == 4).all()
     budget = table[table["comparison"] == "equal_steps"].groupby("variant")["train_seconds"]
     equal_time = table[table["comparison"] == "equal_time"]

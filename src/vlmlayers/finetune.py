@@ -22,7 +22,8 @@ parameters, seconds per step (median after warm-up), total seconds, samples/s, p
 allocator peak on GPU, process peak RSS on CPU).
 
 ``table`` rows: variant, band, layers, seed, comparison (``equal_steps``: the final models;
-``equal_time``: each run's last snapshot within the shortest variant's mean training time),
+``equal_time``: each run's last snapshot within the shortest variant's mean training time;
+``curve``: every snapshot, a snapshot every ``--snapshot-every`` steps),
 step, trainable_params, train_seconds, step_seconds, samples_per_second, peak_mem_mb, modality,
 task, subset, metric, accuracy, ci_low, ci_high, n.
 """
@@ -124,7 +125,7 @@ def train(args: argparse.Namespace) -> None:
         loaded.model.gradient_checkpointing_enable()
     data = read_dataset(args.data, args.on_bad_rows, needs_image=True).frame
     make_batch = vlm_batches(loaded.processor, data, args.seed, args.batch_size, "vqa")
-    snapshot_steps = set(np.linspace(0, args.steps, args.snapshots + 1, dtype=int)[1:-1])
+    snapshot_steps = set(range(args.snapshot_every, args.steps, args.snapshot_every or args.steps))
 
     def save_snapshot(step: int) -> None:
         if step in snapshot_steps:
@@ -239,15 +240,20 @@ def score(args: argparse.Namespace) -> None:
 
 
 def compare(scored: pd.DataFrame) -> pd.DataFrame:
-    """Rows at equal steps (final models) and at equal time: each run's last checkpoint whose
-    training time is within the shortest variant's mean total training time."""
+    """Rows at equal steps (final models), at equal time (each run's last checkpoint whose
+    training time is within the shortest variant's mean total training time) and the learning
+    ``curve`` (every scored checkpoint, by step and training seconds)."""
     final = scored[scored["final"]]
     budget = final.groupby("variant")["train_seconds"].mean().min()
     within = scored[scored["train_seconds"] <= budget * (1 + 1e-9)]
     last = within.groupby(["variant", "seed"])["step"].transform("max")
     equal_time = within[within["step"] == last]
     return pd.concat(
-        [final.assign(comparison="equal_steps"), equal_time.assign(comparison="equal_time")],
+        [
+            final.assign(comparison="equal_steps"),
+            equal_time.assign(comparison="equal_time"),
+            scored.assign(comparison="curve"),
+        ],
         ignore_index=True,
     ).drop(columns=["final"])
 
@@ -287,7 +293,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--checkpoint-every", type=int, default=100, help="resume points")
-    parser.add_argument("--snapshots", type=int, default=4, help="models saved along training")
+    parser.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=100,
+        help="train: save a model every K steps, scored for the learning curve (0: final only)",
+    )
     parser.add_argument(
         "--freeze-projector",
         action="store_true",

@@ -28,7 +28,7 @@ rule finetune_train:
         ft=(
             {
                 k: FINETUNE[k]
-                for k in ("steps", "batch_size", "lr", "warmup", "snapshots")
+                for k in ("steps", "batch_size", "lr", "warmup", "snapshot_every")
             }
             if FINETUNE
             else {}
@@ -48,7 +48,7 @@ rule finetune_train:
         "VLMLAYERS_THREADS={threads} vlmlayers finetune train --variant {wildcards.variant:q} "
         "--band {params.band} --aligned {params.aligned:q} --data {params.data:q} "
         "--steps {params.ft[steps]} --batch-size {params.ft[batch_size]} --lr {params.ft[lr]} "
-        "--warmup {params.ft[warmup]} --snapshots {params.ft[snapshots]} {params.flags} "
+        "--warmup {params.ft[warmup]} --snapshot-every {params.ft[snapshot_every]} {params.flags} "
         "--checkpoint-every {params.every} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"
 
 
