@@ -58,7 +58,11 @@ def test_interventions_and_finetune_tables(workflow_run):
     assert (baseline["delta"] == 0).all()
     finetune = pd.read_parquet(results / "finetune.parquet")
     assert set(finetune["variant"]) == {"full", "middle"}
-    assert set(finetune["comparison"]) == {"equal_steps", "equal_time"}
+    assert set(finetune["comparison"]) == {"equal_steps", "equal_time", "curve"}
+    assert set(finetune["modality"]) == {"image", "text"}
+    evaluated = pd.read_parquet(results / "eval" / "tuned.parquet")  # through lmms-eval
+    assert set(evaluated["task"]) == {"vision", "knowledge", "caption"}
+    assert evaluated.query("task == 'caption'")["metric"].tolist() == ["cider"]
     verdicts = pd.read_parquet(results / "claims.parquet").set_index("claim")["evidence"]
     assert "middle" in verdicts["selective_ft"] and "full" in verdicts["selective_ft"]
     for kind in ("intervention", "finetune"):
