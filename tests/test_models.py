@@ -94,7 +94,7 @@ def test_paths_resolve_to_the_right_modules(tiny):
     assert paths == ARCHITECTURES[tiny.model.config.model_type]
     for f in dataclasses.fields(paths):
         dotted = getattr(paths, f.name)
-        if dotted is not None:
+        if dotted is not None and f.name not in paths.BLOCK_RELATIVE:
             assert isinstance(tiny.module(dotted), nn.Module), f"{f.name}: {dotted}"
 
     layers = tiny.layers
@@ -125,6 +125,52 @@ def test_paths_resolve_to_the_right_modules(tiny):
     else:
         assert paths.projector is None and paths.vision_tower is None
         assert tiny.image_token_id is None and tiny.projector is None
+
+
+def test_block_paths_are_the_mlp_and_the_attention_output(tiny):
+    """In every decoder block, ``mlp`` is the MLP and ``attention_out`` the Linear that maps the
+    concatenated heads (num_heads x head_dim; gemma3's head_dim is not hidden / heads) back to
+    the residual width; where the block has no post-norms, the two outputs are exactly what the
+    block adds to its input."""
+    config = _text_config(tiny)
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    for block in tiny.layers:
+        mlp = block.get_submodule(tiny.paths.mlp)
+        out = block.get_submodule(tiny.paths.attention_out)
+        assert type(mlp).__name__.endswith("MLP")
+        assert isinstance(out, nn.Linear)
+        assert (out.in_features, out.out_features) == (n_heads * head_dim, config.hidden_size)
+        assert out.bias is None  # per-head outputs need no bias split in these families
+    batch = (
+        _image_batch(tiny, [QUESTION], [_image(0)])
+        if tiny.is_multimodal
+        else _text_batch(tiny, [QUESTION])
+    )
+    seen: dict = {}
+
+    def keep(key, pre=False):
+        def hook(module, args, output=None):
+            value = args[0] if pre else output
+            seen[key] = value[0] if isinstance(value, tuple) else value
+
+        return hook
+
+    block = tiny.layers[0]
+    handles = [
+        block.register_forward_pre_hook(keep("in", pre=True)),
+        block.register_forward_hook(keep("out")),
+        block.get_submodule(tiny.paths.mlp).register_forward_hook(keep("mlp")),
+        block.get_submodule(tiny.paths.attention_out).register_forward_hook(keep("attn")),
+    ]
+    try:
+        _forward(tiny, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    # gemma3 norms both outputs again before the add (post_attention / post_feedforward norms)
+    if not hasattr(block, "post_feedforward_layernorm"):
+        torch.testing.assert_close(seen["in"] + seen["attn"] + seen["mlp"], seen["out"])
 
 
 def test_table_paths_are_what_produces_hidden_states(tiny):

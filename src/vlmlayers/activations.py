@@ -4,9 +4,14 @@ Layout (DESIGN.md, with a ``tap`` level for the tap point)::
 
     {root}/manifest.json
     {root}/tap={tap}/layer={l:02d}/part-{k:04d}.parquet   columns: id, pooling, vec
+    {root}/prompt_entropy.parquet                          columns: id, tap, layer, entropy
 
-Layer 0 is the embedding output, layer l the output of decoder block l. ``vec`` is a
-fixed-size list of float16 or float32.
+Taps (``vlmlayers.extract``): ``residual`` (layer 0 = the embedding output, layer l the output of
+decoder block l), ``mlp_out`` (layer l = block l's MLP output) and one tap per attention head,
+``head.HH`` (layer l = head HH's output through block l's output projection); the manifest lists
+them (``taps``) with their layers (``layers``: tap -> list). ``vec`` is a fixed-size list of
+float16 or float32. ``prompt_entropy.parquet`` (optional) holds the matrix-based entropy of each
+prompt's residual token matrix per layer.
 """
 
 from __future__ import annotations

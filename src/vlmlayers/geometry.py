@@ -339,7 +339,15 @@ def matrix_entropy(
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    return _apply(lambda p: _entropy(p.gram, alpha), [X], device, dtype)
+    if isinstance(X, Pairwise):
+        return _finish([_entropy(X.gram, alpha)], X.single)
+    layers, single = _layer_list(X)
+    device, dtype = _resolve(device, dtype)
+    values = []
+    for layer in layers:  # only the Gram matrix is needed: no distances, no duplicate search
+        x = torch.as_tensor(layer).to(device=device, dtype=dtype)[None]
+        values.append(_entropy(_gram(x - x.mean(dim=1, keepdim=True)), alpha))
+    return _finish(values, single)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ ROLES = ("base", "aligned", "tuned", "variant")
 
 @dataclass(frozen=True)
 class ModulePaths:
-    """Dotted paths from the top-level model to the parts the analyses need."""
+    """Dotted paths to the parts the analyses need: from the top-level model, except
+    :attr:`BLOCK_RELATIVE` ones, which are relative to one decoder block (``layers[i]``)."""
 
     layers: str
     embeddings: str
@@ -34,6 +36,12 @@ class ModulePaths:
     lm_head: str = "lm_head"
     projector: str | None = None
     vision_tower: str | None = None
+    # Inside a decoder block: the MLP (its output is taken before the residual add) and the
+    # attention output projection (its input is the heads' outputs, concatenated head by head).
+    mlp: str = "mlp"
+    attention_out: str = "self_attn.o_proj"
+
+    BLOCK_RELATIVE: ClassVar[tuple[str, ...]] = ("mlp", "attention_out")
 
 
 _LLAVA_LIKE = ModulePaths(
