@@ -35,6 +35,16 @@ def _fill_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+def _message(error: jsonschema.ValidationError) -> str:
+    """The error's message; "exactly one of these keys" (schema `oneOf` of `required`s) in words."""
+    alternatives = error.validator_value if error.validator == "oneOf" else None
+    if alternatives and all(list(a) == ["required"] for a in alternatives):
+        keys = [k for a in alternatives for k in a["required"]]
+        found = [k for k in keys if isinstance(error.instance, dict) and k in error.instance]
+        return f"give exactly one of {keys}, found {found or 'none'}"
+    return error.message
+
+
 def validate(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str = "config") -> dict:
     """Fill defaults into ``config`` in place and raise :class:`ConfigError` on the first error."""
     schema = yaml.safe_load(Path(schema_path).read_text())
@@ -50,7 +60,7 @@ def validate(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str 
                 for extra in sorted(set(error.instance) - set(allowed)):
                     lines.append(f"  {'.'.join([*path, extra])}: unknown key; allowed: {allowed}")
                 continue
-            lines.append(f"  {'.'.join(path) or '(top level)'}: {error.message}")
+            lines.append(f"  {'.'.join(path) or '(top level)'}: {_message(error)}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
     for name, band in config.get("finetune", {}).get("variants", {}).items():
         try:
