@@ -95,7 +95,7 @@ def test_torch_env_pins_torch_and_the_package_dependencies():
     needed = {
         normalise(re.match(r"[A-Za-z0-9._-]+", d)[0]) for d in re.findall(r'"([^"]+)"', block)
     }
-    plotting = {"seaborn"}  # the figures run in the plot env
+    plotting = {"seaborn", "tabulate"}  # the figures and report tables run in the plot env
     assert needed - plotting - set(pins) == set()
     assert "torch==2.13.0" in text
 
@@ -110,7 +110,7 @@ def test_eval_env_is_the_torch_env_plus_lmms_eval():
 def test_plot_env_has_no_torch():
     pins = env_pins(ROOT / "envs" / "plot.yaml")
     assert "torch" not in pins
-    assert {"seaborn", "matplotlib", "pandas", "pyarrow"} <= set(pins)
+    assert {"seaborn", "matplotlib", "pandas", "pyarrow", "tabulate"} <= set(pins)
 
 
 def rules(path: Path) -> dict[str, str]:
