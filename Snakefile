@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
+include: "workflow/rules/compose.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/extract.smk"
@@ -24,9 +25,12 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/intervene.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:
     default_target: True
     input:
         all_targets(),
+        rules.summary.output,
+        compare_tables(),

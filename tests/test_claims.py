@@ -299,3 +299,14 @@ def test_table_contracts_match_the_stages_that_write_them():
     assert claims.TABLES["geometry"] == tuple(geometry_stage.COLUMNS)
     assert claims.TABLES["intervention"] == tuple(intervene.COLUMNS)
     assert set(claims.TABLES["probe"]) <= set(probe_stage.COLUMNS)
+
+
+def test_per_head_rows_stay_out_of_a_criterion_unless_it_names_their_tap():
+    base = {"relative_depth": 0.5, "model": "tuned", "role": "tuned", "modality": "image~text",
+            "pooling": "last", "metric": "neighbour_overlap", "scale": 30.0}  # fmt: skip
+    table = pd.DataFrame(
+        [base | {"tap": "residual", "value": 0.2}, base | {"tap": "head.00", "value": 0.9}]
+    )
+    test = {"table": "geometry", "metric": "neighbour_overlap", "modality": "image~text"}
+    assert claims.select(table, test, {})["value"].tolist() == [0.2]
+    assert claims.select(table, test | {"tap": "head.00"}, {})["value"].tolist() == [0.9]

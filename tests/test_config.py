@@ -84,6 +84,8 @@ def test_minimal_config_gets_every_section_default(tmp_path):
         "store_dtype": "float32",
         "dtype": "auto",
         "poolings": ["last", "mean_image", "mean_text"],
+        "taps": ["residual"],
+        "prompt_entropy": True,
     }
     assert config["evaluate"] == {
         "batch_size": 32,
@@ -200,7 +202,7 @@ def test_missing_required_keys_are_named(tmp_path):
     assert "(top level): 'results_dir' is a required property" in message
     assert "world: 'n_test' is a required property" in message
     assert "world.stage1: 'lr' is a required property" in message
-    assert "models.mine: 'path' is a required property" in message
+    assert "models.mine: give exactly one of ['path', 'compose'], found none" in message
 
 
 def test_every_error_is_reported_not_only_the_first(tmp_path):

@@ -239,10 +239,12 @@ def test_bench_runs_small_and_agrees(tmp_path, dadapy):
 # The stage
 
 
-def _store(root: Path, per_layer: dict[int, np.ndarray], ids: list[str]) -> Path:
+def _store(
+    root: Path, per_layer: dict[int, np.ndarray], ids: list[str], tap: str = "residual"
+) -> Path:
     for layer, x in per_layer.items():
-        activations.write_shard(root, "residual", layer, 0, ids[:60], {"last": x[:60]})
-        activations.write_shard(root, "residual", layer, 1, ids[60:], {"last": x[60:]})
+        activations.write_shard(root, tap, layer, 0, ids[:60], {"last": x[:60]})
+        activations.write_shard(root, tap, layer, 1, ids[60:], {"last": x[60:]})
     manifest = {"layers": sorted(per_layer), "n": len(ids), "dtype": "float32"}
     write_json(manifest, root / "manifest.json")
     return root
@@ -264,26 +266,44 @@ def test_stage_end_to_end(tmp_path):
     pd.DataFrame(
         {"id": ids, "question": question, "labels.colour": colour, "labels.question_type": question}
     ).to_parquet(labels)
+    stores = {m: _store(tmp_path / m, x, ids) for m, x in (("image", image), ("text", text))}
+    for head, same in (("head.00", True), ("head.01", False)):  # head 0 agrees across forms
+        for m, x in (("image", image), ("text", text)):
+            _store(stores[m], {lay: (image if same else x)[lay] for lay in (1, 2, 3)}, ids, head)
+    # per-prompt entropies of the image store (the text store has none: no rows for it)
+    entropy = pd.DataFrame(
+        [{"id": i, "tap": "residual", "layer": lay, "entropy": float(lay) + j / n}
+         for lay in range(4) for j, i in enumerate(ids)]
+    )  # fmt: skip
+    entropy.to_parquet(stores["image"] / "prompt_entropy.parquet")
     out = tmp_path / "geometry.parquet"
     main(
         [
             "geometry", "--model", "tiny-tuned",
-            "--image", str(_store(tmp_path / "image", image, ids)),
-            "--text", str(_store(tmp_path / "text", text, ids)),
-            "--labels", str(labels), "--poolings", "last", "--k", "5",
-            "--gride-range-max", "16", "--n-boot", "200", "--seed", "3", "--out", str(out),
+            "--image", str(stores["image"]), "--text", str(stores["text"]),
+            "--labels", str(labels), "--poolings", "last", "--k", "5", "--heads",
+            "--n-permutations", "19", "--gride-range-max", "16", "--n-boot", "200",
+            "--seed", "3", "--out", str(out),
         ]
     )  # fmt: skip
     table = pd.read_parquet(out)
     assert list(table.columns) == list(geometry.COLUMNS)
+    heads = table[table.tap != "residual"]
+    table = table[table.tap == "residual"]
     assert sorted(table.layer.unique()) == [1, 2, 3]  # layer 0 skipped for `last`
     assert set(table.modality) == {"image", "text", "image~text"}
     assert (table.model == "tiny-tuned").all() and (table.seed == 3).all()
     assert set(table.metric) == {
         "id_twonn", "id_gride", "label_overlap:colour", "baseline_overlap:question_type",
         "neighbour_overlap", "information_imbalance:image->text",
-        "information_imbalance:text->image", "cka_linear",
+        "information_imbalance:text->image", "cka_linear", "svcca", "entropy", "prompt_entropy",
+        "modality_cosine", "id_correlation", "id_correlation_p", "adp_homogeneity",
     }  # fmt: skip
+    # the layer x head matrix: head 0 is the same in both forms, head 1 is not
+    matrix = heads.pivot_table(index=["tap", "layer"], columns="metric", values="value")
+    assert set(heads.metric) == {"neighbour_overlap", "cka_linear"} and len(matrix) == 6
+    assert (matrix.loc["head.00", "neighbour_overlap"] == 1.0).all()
+    assert matrix.loc["head.01"].loc[3, "neighbour_overlap"] < 0.3
 
     def row(layer, modality, metric, scale=None):
         hit = table[(table.layer == layer) & (table.modality == modality)]
@@ -307,6 +327,18 @@ def test_stage_end_to_end(tmp_path):
     gride = table[(table.metric == "id_gride") & (table.layer == 1) & (table.modality == "image")]
     assert list(gride.scale) == [2, 4, 8, 16]
     assert (gride.ci_low < gride.value).all() and (gride.value < gride.ci_high).all()
+    # identical image and text vectors at layer 2: no gap, full dependence; layer 3 unrelated
+    assert row(2, "image~text", "modality_cosine").value == pytest.approx(1.0)
+    assert row(2, "image~text", "svcca").value == pytest.approx(1.0)
+    assert row(2, "image~text", "id_correlation_p").value == pytest.approx(1 / 20)
+    assert row(3, "image~text", "id_correlation_p").value > 0.05
+    assert (
+        row(3, "image~text", "adp_homogeneity").value
+        > row(2, "image~text", "adp_homogeneity").value
+    )
+    assert row(2, "image", "prompt_entropy").value == pytest.approx(2 + (n - 1) / (2 * n))
+    assert "prompt_entropy" not in set(table[table.modality == "text"].metric)
+    assert row(2, "image", "entropy").value == pytest.approx(geometry.matrix_entropy(image[2]))
 
 
 def test_stage_keeps_layer_zero_on_request_as_nan(tmp_path):
@@ -323,9 +355,62 @@ def test_stage_keeps_layer_zero_on_request_as_nan(tmp_path):
     ):
         main(args)
     table = pd.read_parquet(out)
-    assert set(table.modality) == {"image"} and set(table.metric) == {"id_twonn", "id_gride"}
-    assert table[table.layer == 0].value.isna().all()
-    assert table[table.layer == 0].n.eq(1).all()
+    assert set(table.modality) == {"image"}
+    assert set(table.metric) == {"id_twonn", "id_gride", "entropy"}
+    ids_rows = table[table.metric != "entropy"]
+    assert ids_rows[ids_rows.layer == 0].value.isna().all()
+    assert ids_rows[ids_rows.layer == 0].n.eq(1).all()
+    assert table.query("layer == 0 and metric == 'entropy'").value.item() == 0.0  # one point
     assert table[table.layer == 1].value.notna().all()
     with pytest.raises(FileNotFoundError, match=r"img/tap=post_mlp: no layer=NN"):
         main(args[:-2] + ["--tap", "post_mlp", "--out", str(out)])
+
+
+def test_matrix_entropy_is_log_rank_for_orthonormal_rows_and_zero_for_rank_one():
+    rng = np.random.default_rng(4)
+    rows = np.linalg.qr(rng.normal(size=(64, 20)))[0].T  # 20 orthonormal rows
+    # centring leaves 19 equal directions: log(rank) = log 19
+    assert geometry.matrix_entropy(rows) == pytest.approx(np.log(19))
+    rank_one = rng.normal(size=(30, 1)) * rng.normal(size=8)
+    assert geometry.matrix_entropy(rank_one) == pytest.approx(0.0, abs=1e-9)
+    batched = geometry.matrix_entropy(np.stack([rows, 3 * rows]))
+    assert batched == pytest.approx([np.log(19)] * 2)
+    renyi2 = geometry.matrix_entropy(rows, alpha=2.0)  # equal eigenvalues: every order agrees
+    assert renyi2 == pytest.approx(np.log(19))
+
+
+def test_svcca_sees_through_invertible_maps_not_independent_data():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(200, 12))
+    mixed = a @ rng.normal(size=(12, 12))
+    assert geometry.svcca(a, mixed) == pytest.approx(1.0)
+    assert geometry.svcca(a, np.c_[mixed, rng.normal(size=(200, 3)) * 1e-3]) > 0.9  # other width
+    assert geometry.svcca(a, rng.normal(size=(200, 12))) < 0.4
+
+
+def test_id_correlation_of_noisy_copies_and_of_independent_sets():
+    rng = np.random.default_rng(6)
+    latent = rng.normal(size=(300, 3))
+    a = latent @ rng.normal(size=(3, 20)) + 0.01 * rng.normal(size=(300, 20))
+    b = latent @ rng.normal(size=(3, 20)) + 0.01 * rng.normal(size=(300, 20))
+    copies = geometry.id_correlation(a, b, n_permutations=30, seed=1)
+    assert copies.corr > 0.7 and copies.p == pytest.approx(1 / 31)
+    other = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 20))
+    independent = geometry.id_correlation(a, other, n_permutations=30, seed=1)
+    assert independent.p > 0.05 and independent.corr < copies.corr
+
+
+def test_paired_cosine_and_density_peak_homogeneity():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(100, 6))
+    assert geometry.paired_cosine(a, a) == pytest.approx(1.0)
+    assert geometry.paired_cosine(np.stack([a, -a]), np.stack([a, a])) == pytest.approx([1, -1])
+
+    def blob(centre, n):
+        return rng.normal(size=(n, 5)) + centre
+
+    apart = geometry.density_peaks(np.concatenate([blob(0, 120), blob(12, 120)]))
+    assert len(set(apart[:120])) == len(set(apart[120:])) == 1 and apart[0] != apart[-1]
+    assert geometry.adp_homogeneity(blob(0, 120), blob(12, 120)) == pytest.approx(1.0)
+    mixed = [np.concatenate([blob(0, 60), blob(12, 60)]) for _ in range(2)]
+    assert geometry.adp_homogeneity(*mixed) == pytest.approx(0.0, abs=0.05)

@@ -55,6 +55,58 @@ def geometry_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def geometry_table_new() -> pd.DataFrame:
+    """``geometry_table`` with a tap column and the newer measures: entropies per modality, the
+    modality gap (image~text) and per-head rows (tap head.HH) whose values would stand out."""
+    table = geometry_table().assign(tap="residual")
+    rows = []
+
+    def add(model, modality, metric, value, tap="residual", layers=DEPTHS, scale=np.nan):
+        for layer in layers:
+            v = value(layer)
+            rows.append(
+                {"layer": layer, "relative_depth": layer / 6, "model": model,
+                 "modality": modality, "pooling": "last", "tap": tap, "metric": metric,
+                 "scale": scale, "value": v, "ci_low": v - 0.01, "ci_high": v + 0.01,
+                 "n": 100, "seed": 0}
+            )  # fmt: skip
+
+    for model in ("base", "aligned", "tuned"):
+        for modality in ["text"] if model == "base" else ["image", "text"]:
+            add(model, modality, "entropy", lambda layer: 2 + np.sin(layer))
+            add(model, modality, "prompt_entropy", lambda layer: 1 + 0.1 * layer)
+        if model == "base":
+            continue
+        add(model, "image~text", "modality_cosine", lambda layer: 0.2 + 0.05 * layer)
+        add(model, "image~text", "adp_homogeneity", lambda layer: 0.9 - 0.1 * layer)
+        for head in range(4):
+            tap = f"head.{head:02d}"
+            add(model, "image~text", "neighbour_overlap", lambda layer: 0.9, tap, scale=30.0)
+            add(model, "image~text", "cka_linear", lambda layer, h=head: 0.1 * h + 0.05, tap)
+    return pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+
+
+def compare_table() -> pd.DataFrame:
+    """As ``vlmlayers compare`` writes it, three pairs in one table (the figure reads them all)."""
+    rows = []
+    pairs = {("tuned", "aligned"): ["image", "text"], ("aligned", "base"): ["text"],
+             ("tuned", "base"): ["text"]}  # fmt: skip
+    for ((a, b), forms), metric, layer in itertools.product(
+        pairs.items(), ["neighbour_overlap", "cka_linear", "svcca"], DEPTHS
+    ):
+        for modality in forms:
+            v = 1.0 if (a, b) == ("aligned", "base") else 0.9 - 0.05 * layer
+            ci = 0.03 if metric == "neighbour_overlap" else np.nan
+            rows.append(
+                {"layer": layer, "relative_depth": layer / 6, "model": f"{a}~{b}",
+                 "model_a": a, "model_b": b, "modality": modality, "pooling": "last",
+                 "tap": "residual", "metric": metric,
+                 "scale": {"neighbour_overlap": 30.0, "svcca": 0.99}.get(metric, np.nan),
+                 "value": v, "ci_low": v - ci, "ci_high": v + ci, "n": 100, "seed": 0}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def eval_table() -> pd.DataFrame:
     rows = []
     for (model, role), modality, task, subset in itertools.product(
@@ -134,7 +186,12 @@ TABLES = {
     "eval": eval_table,
     "intervention": intervention_table,
     "finetune": finetune_table,
+    "similarity": compare_table,
+    "modality_gap": geometry_table_new,
+    "entropy": geometry_table_new,
+    "heads": geometry_table_new,
 }
+DEPTH_FIGURES = ("probe", "id", "overlap", "similarity", "modality_gap", "entropy")
 
 
 def test_every_figure_kind_has_a_synthetic_table():
@@ -159,7 +216,7 @@ def draw(tmp_path, kind: str, table: pd.DataFrame, *extra: str):
 def test_figure_from_synthetic_table(tmp_path, kind):
     svg = draw(tmp_path, kind, TABLES[kind]())
     assert NOT_MEASURED not in svg
-    if kind in ("probe", "id", "overlap"):
+    if kind in DEPTH_FIGURES or kind == "heads":
         assert "relative depth" in svg
 
 
@@ -188,3 +245,49 @@ def test_colours_follow_roles_and_are_distinct():
     assert two["llava-a"] != two["llava-b"] and two["aligned"] == palette["aligned"]
     variants = variant_palette(["full", "middle", "odd-one"])
     assert variants["full"] == palette["tuned"] and len(set(variants.values())) == 3
+
+
+def test_similarity_figure_names_pairs_and_measures(tmp_path):
+    svg = draw(tmp_path, "similarity", compare_table())
+    for text in ("tuned vs aligned, image prompts", "tuned vs aligned, text prompts",
+                 "aligned vs base, text prompts", "tuned vs base, text prompts",
+                 "neighbourhood overlap (k = 30)", "linear CKA", "SVCCA"):  # fmt: skip
+        assert text in svg
+    # A table of older runs without SVCCA and without the tap/model_a/model_b columns still plots.
+    old = compare_table().drop(columns=["tap", "model_a", "model_b"])
+    svg = draw(tmp_path, "similarity", old[old["metric"] != "svcca"])
+    assert NOT_MEASURED not in svg and "SVCCA" not in svg and "tuned vs aligned" in svg
+
+
+def test_new_geometry_figures_without_their_rows_say_which(tmp_path):
+    """A geometry table from before these measures (no tap column, no entropy / gap / heads)."""
+    for kind, names in (
+        ("modality_gap", ["modality_cosine", "adp_homogeneity"]),
+        ("entropy", ["entropy", "prompt_entropy"]),
+        ("heads", ["tap"]),
+    ):
+        svg = draw(tmp_path, kind, geometry_table())
+        assert NOT_MEASURED in svg and all(name in svg for name in names), kind
+    no_heads = geometry_table_new()
+    no_heads = no_heads[~no_heads["tap"].str.startswith("head.")]
+    svg = draw(tmp_path, "heads", no_heads)
+    assert NOT_MEASURED in svg and "heads were not extracted" in svg
+    svg = draw(tmp_path, "similarity", compare_table(), "--pooling", "mean_text")
+    assert NOT_MEASURED in svg and "mean_text" in svg
+
+
+def test_depth_profiles_show_the_residual_tap_only(tmp_path):
+    table = geometry_table_new()
+    svg = draw(tmp_path, "heads", table)
+    for text in ("aligned (aligned): neighbourhood overlap", "tuned (tuned): linear CKA",
+                 "layer (relative depth)", "head"):  # fmt: skip
+        assert text in svg
+    heads_only = table[table["tap"].str.startswith("head.")]
+    svg = draw(tmp_path, "overlap", heads_only)
+    assert NOT_MEASURED in svg and "tap = residual" in svg
+    svg = draw(tmp_path, "overlap", heads_only, "--tap", "head.01")
+    assert NOT_MEASURED not in svg
+    svg = draw(tmp_path, "modality_gap", table)
+    assert "median image-text cosine" in svg and "tuned (tuned)" in svg
+    svg = draw(tmp_path, "entropy", table)
+    assert "base (base), text prompts" in svg and "within a prompt" in svg

@@ -134,7 +134,7 @@ CLAIMS: dict[str, str] = {
 }
 TABLES: dict[str, tuple[str, ...]] = {
     "geometry": (
-        "layer", "relative_depth", "model", "modality", "pooling", "metric", "scale",
+        "layer", "relative_depth", "model", "modality", "pooling", "tap", "metric", "scale",
         "value", "ci_low", "ci_high", "n", "seed",
     ),
     "probe": (
@@ -361,6 +361,8 @@ def select(table: pd.DataFrame | None, test: Mapping, roles: Mapping[str, str]) 
     if table.empty:
         raise NotMeasured(f"{kind} table is empty")
     rows = with_roles(table, roles)
+    if "tap" in rows.columns and "tap" not in test:  # per-head / MLP rows only when named
+        rows = rows[rows["tap"].astype(str) == "residual"]
     described = []
     for key, want in test.items():
         if key in RESERVED and key != "role":

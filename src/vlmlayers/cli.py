@@ -13,14 +13,17 @@ import sys
 STAGES: dict[str, str] = {
     "world": "vlmlayers.world.scenes",
     "train": "vlmlayers.world.train",
+    "compose": "vlmlayers.compose",
     "prepare": "vlmlayers.prepare",
     "evaluate": "vlmlayers.evaluate",
     "extract": "vlmlayers.extract",
     "probe": "vlmlayers.probe",
     "geometry": "vlmlayers.geometry",
+    "compare": "vlmlayers.compare",
     "intervene": "vlmlayers.intervene",
     "finetune": "vlmlayers.finetune",
     "plot": "vlmlayers.plots",
+    "summary": "vlmlayers.summary",
     "claims": "vlmlayers.claims",
     "check-config": "vlmlayers.config",
 }

@@ -1,27 +1,38 @@
 """Representation geometry per layer: intrinsic dimension, neighbourhood overlap, imbalance, CKA.
 
-For every modality store given (``--image``, ``--text``; see ``vlmlayers.activations``) and every
-pooling, per layer: the intrinsic-dimension profile (TwoNN; GRIDE at scales n2 = 2, 4, ...,
-``--gride-range-max``) and, with ``--labels``, the label overlap of each ``labels.*`` column (the
-``--baseline-label``, ``question_type`` by default, is reported as the question-identity baseline
-row). With both stores: image-vs-text neighbourhood overlap, information imbalance both ways and
-linear CKA (modality ``image~text``). Layer 0 at the ``last`` pooling is the same embedding for
-every sample and is skipped unless ``--no-skip-layer-zero``.
+For every modality store given (``--image``, ``--text``; see ``vlmlayers.activations``) and
+every pooling, per layer: the intrinsic-dimension profile (TwoNN; GRIDE at scales n2 = 2, 4,
+..., ``--gride-range-max``) and, with ``--labels``, the label overlap of each ``labels.*``
+column (the ``--baseline-label``, ``question_type`` by default, is reported as the question-
+identity baseline row). Per modality also the matrix-based ``entropy`` of the dataset and, when
+the store has ``prompt_entropy.parquet``, the mean per-prompt entropy (``prompt_entropy``). With
+both stores: image-vs-text neighbourhood overlap, information imbalance both ways, linear CKA
+and SVCCA, the modality gap (``modality_cosine``: median per-sample cosine; ``adp_homogeneity``:
+homogeneity of density-peak clusters of the joint set w.r.t. modality) and ID correlation
+(``id_correlation``, its permutation p value ``id_correlation_p``) (modality ``image~text``).
+With ``--heads``, the image~text overlap and CKA of every ``head.HH`` tap (a layer x head
+matrix; rows carry ``tap``). Layer 0 at the ``last`` pooling is the same embedding for every
+sample and is skipped unless ``--no-skip-layer-zero``.
 
-Output: one tidy Parquet (layer, relative_depth, model, modality, pooling, metric, scale, value,
-ci_low, ci_high, n, seed). ``scale`` is k for overlaps and imbalance, the GRIDE rank n2 (the study
-reads n1=16/n2=32, i.e. scale 32), NaN otherwise. Overlap CIs are percentile bootstraps over
-samples; GRIDE's CI is its estimate +- 1.96 x the Fisher-information standard error (DADApy's).
+Output: one tidy Parquet (layer, relative_depth, model, modality, pooling, tap, metric, scale,
+value, ci_low, ci_high, n, seed). ``scale`` is k for overlaps and imbalance, the GRIDE rank n2
+(the study reads n1=16/n2=32, i.e. scale 32), NaN otherwise. Overlap CIs are percentile
+bootstraps over samples; GRIDE's CI is its estimate +- 1.96 x the Fisher-information standard
+error (DADApy's).
 
 Estimators (one function each, arrays in, numbers out, all layers at once with torch):
 ``twonn``, ``gride``, ``neighbourhood_overlap``, ``label_overlap``, ``information_imbalance``,
-``linear_cka``. Each takes an ``(N, D)`` array (-> a number), an ``(L, N, D)`` array or a list of
-per-layer arrays (-> one value per layer), or a precomputed ``pairwise(...)`` so that one Gram
-matrix per layer serves every estimator. Distances are Euclidean, from the Gram matrix of the
-centred points, in float64 by default (validation grade; float32 is an option for GPUs). Exact
-duplicate points are dropped before any neighbour-based estimate (one copy kept; DADApy's
-``remove_identical_points``), with a ``DuplicatePointsWarning`` giving the count. Values agree with
-DADApy 0.3.4 (Glielmo et al. 2022, Patterns 3:100589), the reference implementation.
+``linear_cka``, ``svcca``, ``matrix_entropy``, ``paired_cosine``, ``id_correlation``,
+``density_peaks`` / ``adp_homogeneity``. Each takes an ``(N, D)`` array (-> a number), an ``(L,
+N, D)`` array or a list of per-layer arrays (-> one value per layer), or a precomputed
+``pairwise(...)`` so that one Gram matrix per layer serves every estimator. Distances are
+Euclidean, from the Gram matrix of the centred points, in float64 by default (validation grade;
+float32 is an option for GPUs). Exact duplicate points are dropped before any neighbour-based
+estimate (one copy kept; DADApy's ``remove_identical_points``), with a
+``DuplicatePointsWarning`` giving the count. Values agree with DADApy 0.3.4 (Glielmo et al.
+2022, Patterns 3:100589), the reference implementation, where it has the estimator and runs
+here: its ADP clustering is compiled against numpy < 2 and does not load with the pinned numpy,
+so ``density_peaks`` is tested on cases with known answers.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ ArrayLike = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 EPS64 = float(np.finfo(np.float64).eps)
 MEMORY_BUDGET = 2 << 30  # bytes of Gram/distance matrices built at once by the array entry points
 COLUMNS = (
-    "layer", "relative_depth", "model", "modality", "pooling", "metric", "scale",
+    "layer", "relative_depth", "model", "modality", "pooling", "tap", "metric", "scale",
     "value", "ci_low", "ci_high", "n", "seed",
 )  # fmt: skip
 
@@ -180,11 +191,17 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 def _first_copies(points: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Boolean mask of the first occurrence of every distinct row (exact equality, as DADApy's
     ``np.unique``; rows are compared by their bytes, -0.0 made 0.0 first)."""
+    first = _first_copy_index(points)
+    return torch.as_tensor(first == np.arange(len(first)))
+
+
+def _first_copy_index(points: np.ndarray | torch.Tensor) -> np.ndarray:
+    """For every row, the index of the first row identical to it."""
     seen: dict[bytes, int] = {}
     if isinstance(points, torch.Tensor):
         points = points.detach().cpu().numpy()
     rows = np.ascontiguousarray(points) + 0.0
-    return torch.tensor([seen.setdefault(row.tobytes(), i) == i for i, row in enumerate(rows)])
+    return np.array([seen.setdefault(row.tobytes(), i) for i, row in enumerate(rows)], dtype=int)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +367,195 @@ def matrix_entropy(
     return _finish(values, single)
 
 
+def svcca(
+    A: ArrayLike | Pairwise,
+    B: ArrayLike | Pairwise,
+    *,
+    variance: float = 0.99,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> float | np.ndarray:
+    """SVCCA (Raghu, Gilmer, Yosinski & Sohl-Dickstein 2017, NeurIPS): keep each set's top
+    singular directions explaining ``variance`` of its (centred) variance, then the mean
+    canonical correlation between the two reduced sets. From the Gram matrices: the reduced
+    sets span the top eigenvectors U of each Gram, and the canonical correlations are the
+    singular values of U_A^T U_B, so A and B may differ in width. Uses every sample."""
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"variance must be in (0, 1], got {variance}")
+    return _apply(lambda a, b: _svcca(a, b, variance), [A, B], device, dtype)
+
+
+def paired_cosine(A: ArrayLike, B: ArrayLike, *, per_point: bool = False) -> float | np.ndarray:
+    """Cosine between each sample's two representations (rows i of A and B, uncentred), per
+    layer: the median over samples (the study's modality gap; 1 = no gap), or every value."""
+    a, single = _layer_list(A)
+    b, _ = _layer_list(B)
+    values = []
+    for x, y in zip(a, b, strict=True):
+        x, y = (
+            torch.as_tensor(np.asarray(x), dtype=torch.float64),
+            torch.as_tensor(np.asarray(y), dtype=torch.float64),
+        )
+        cos = torch.nn.functional.cosine_similarity(x, y, dim=1)
+        values.append(cos[None] if per_point else cos.median()[None])
+    return _finish(values, single)
+
+
+class IdCorrelation(NamedTuple):
+    """ID correlation per layer: ``corr``, permutation ``p`` value and the three TwoNN IDs."""
+
+    corr: np.ndarray
+    p: np.ndarray
+    id_a: np.ndarray
+    id_b: np.ndarray
+    id_joint: np.ndarray
+
+
+def id_correlation(
+    A: ArrayLike,
+    B: ArrayLike,
+    *,
+    n_permutations: int = 100,
+    seed: int = 0,
+    fraction: float = 0.9,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> IdCorrelation:
+    """ID correlation (Basile, Acevedo, Bortolussi, Ansuini et al., "Intrinsic dimension
+    correlation: uncovering nonlinear connections in multimodal representations", ICLR 2025).
+
+    Each set is z-scored per feature; with TwoNN (``fraction``) IDs id_A, id_B and id_AB of the
+    feature-wise concatenation [A, B], corr = (id_A + id_B - id_AB) / min(id_A, id_B): 0 for
+    independent sets (id_AB = id_A + id_B), 1 when one determines the other (id_AB = the larger
+    ID). p = (1 + #{permutations of B's rows with id_AB <= the observed}) / (1 + n_permutations).
+    The joint Gram matrix is the sum of the two (a permutation only reorders B's), so each
+    permutation costs no product. Rows identical in A or in B are dropped first.
+    """
+    device, dtype = _resolve(device, dtype)
+    a_layers, single = _layer_list(A)
+    b_layers, _ = _layer_list(B)
+    generator = np.random.default_rng(seed)
+    out = []
+    for a, b in zip(a_layers, b_layers, strict=True):
+        keep = (_first_copies(a) & _first_copies(b)).numpy()
+        grams = []
+        for x in (a, b):
+            x = torch.as_tensor(np.asarray(x)[keep]).to(device=device, dtype=dtype)
+            x = x - x.mean(dim=0)
+            x = x / x.std(dim=0).clamp_min(EPS64)
+            grams.append(_gram(x[None])[0])
+        ids = [float(_twonn(_from_gram(g[None]), fraction)[0]) for g in grams]
+        joint = float(_twonn(_from_gram((grams[0] + grams[1])[None]), fraction)[0])
+        null = []
+        for _ in range(n_permutations):
+            order = torch.as_tensor(generator.permutation(len(grams[1])), device=device)
+            shuffled = grams[1][order][:, order]
+            null.append(float(_twonn(_from_gram((grams[0] + shuffled)[None]), fraction)[0]))
+        corr = (ids[0] + ids[1] - joint) / min(ids)
+        p = (1 + sum(v <= joint for v in null)) / (1 + n_permutations)
+        out.append((corr, p, ids[0], ids[1], joint))
+    columns = [np.array(c) for c in zip(*out, strict=True)]
+    return IdCorrelation(*(float(c[0]) if single else c for c in columns))
+
+
+def adp_homogeneity(
+    A: ArrayLike,
+    B: ArrayLike,
+    *,
+    k: int = 16,
+    z: float = 1.65,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> float | np.ndarray:
+    """Homogeneity (Rosenberg & Hirschberg 2007) w.r.t. the set (A or B) of the clusters that
+    :func:`density_peaks` finds in the joint set (A's rows stacked on B's, same width): 1 when
+    every cluster holds one set only (a modality gap), near 0 when clusters mix them."""
+    from sklearn.metrics import homogeneity_score
+
+    a_layers, single = _layer_list(A)
+    b_layers, _ = _layer_list(B)
+    values = []
+    for a, b in zip(a_layers, b_layers, strict=True):
+        joint = np.concatenate([np.asarray(a), np.asarray(b)])
+        origin = np.repeat([0, 1], [len(a), len(b)])
+        clusters = density_peaks(joint, k=k, z=z, device=device, dtype=dtype)
+        values.append(torch.tensor([homogeneity_score(origin, clusters)]))
+    return _finish(values, single)
+
+
+def density_peaks(
+    X: np.ndarray | torch.Tensor,
+    *,
+    k: int = 16,
+    z: float = 1.65,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> np.ndarray:
+    """Cluster labels by Advanced Density Peaks (d'Errico, Facco, Laio & Rodriguez 2021, Inf.
+    Sci. 560:476), with a k-nearest-neighbour density in the TwoNN dimension instead of
+    DADApy's PAk (log rho_i = -d log r_k(i) + const, error 1/sqrt(k)).
+
+    Centres are the points densest within their k neighbourhood and in no denser point's; every
+    other point, in order of decreasing density, joins the cluster of its nearest denser point.
+    Two clusters whose saddle (the densest point of their border: mutual nearest neighbours
+    across it, within k) is not significantly less dense than either peak (log rho_peak -
+    log rho_saddle < z (err_peak + err_saddle)) are merged, highest saddle first. Identical rows
+    are clustered once and share their first copy's label."""
+    p = pairwise(X, device=device, dtype=dtype)
+    n = p.n_points
+    keep = p.keep[0].cpu().numpy()
+    labels = np.full(n, -1)
+    idx = np.flatnonzero(keep)
+    if len(idx) <= k:
+        return np.zeros(n, dtype=int)
+    dim = float(_twonn(p, 0.9)[0])
+    dist, nbr = p.neighbours(k)
+    dist, nbr = dist[0].double().cpu().numpy(), nbr[0].cpu().numpy()
+    sq = p.sqdist[0].cpu().numpy()
+    error = 1.0 / math.sqrt(k)
+    g = np.full(n, -np.inf)
+    g[idx] = -dim * np.log(np.maximum(dist[idx, -1], EPS64)) - error
+    centres = [
+        i for i in idx
+        if g[i] > g[nbr[i]].max() and not any(i in nbr[j] and g[j] > g[i] for j in idx)
+    ]  # fmt: skip
+    label = {c: c_i for c_i, c in enumerate(centres)}
+    for i in idx[np.argsort(-g[idx], kind="stable")]:
+        if i not in label:
+            denser = np.flatnonzero(keep & (g > g[i]))
+            label[i] = label[int(denser[np.argmin(sq[i, denser])])]
+    labels[list(label)] = list(label.values())
+    peak = np.array([g[c] for c in centres])
+    saddle: dict[tuple[int, int], float] = {}
+    for i in idx:  # border points: i's nearest neighbour in another cluster has i as its own
+        for j in nbr[i]:
+            a, b = labels[i], labels[j]
+            if a == b:
+                continue
+            back = [m for m in nbr[j] if labels[m] == a]
+            if back and back[0] == i:
+                key = (min(a, b), max(a, b))
+                saddle[key] = max(saddle.get(key, -np.inf), min(g[i], g[j]))
+            break
+    parent = list(range(len(centres)))
+
+    def root(c: int) -> int:
+        while parent[c] != c:
+            c = parent[c]
+        return c
+
+    for (a, b), s in sorted(saddle.items(), key=lambda item: -item[1]):
+        a, b = root(a), root(b)
+        if a == b:
+            continue
+        if min(peak[a], peak[b]) - s < z * 2 * error:  # not a significant peak: merge
+            low, high = sorted((a, b), key=lambda c: peak[c])
+            parent[low] = high
+    roots = np.array([root(c) for c in range(len(centres))])
+    labels[idx] = roots[labels[idx]]
+    return labels[_first_copy_index(X)]
+
+
 # --------------------------------------------------------------------------------------------
 # Batched implementations on Pairwise
 
@@ -479,11 +685,37 @@ def _cka(a: Pairwise, b: Pairwise) -> torch.Tensor:
     return hsic / (torch.linalg.matrix_norm(a.gram) * torch.linalg.matrix_norm(b.gram))
 
 
+def _svcca(a: Pairwise, b: Pairwise, variance: float) -> torch.Tensor:
+    _check_same_points(a, b)
+
+    def top(gram: torch.Tensor) -> torch.Tensor:
+        eigen, vectors = torch.linalg.eigh(gram)  # ascending
+        eigen, vectors = eigen.flip(-1).clamp_min(0), vectors.flip(-1)
+        share = eigen.cumsum(-1) / eigen.sum(-1).clamp_min(EPS64)
+        k = int((share < variance - 1e-12).sum()) + 1
+        return vectors[:, :k]
+
+    values = []
+    for ga, gb in zip(a.gram, b.gram, strict=True):
+        correlations = torch.linalg.svdvals(top(ga).mT @ top(gb)).clamp(max=1.0)
+        values.append(correlations.mean())
+    return torch.stack(values)
+
+
+def _from_gram(gram: torch.Tensor) -> Pairwise:
+    """A Pairwise of (L, N, N) Gram matrices of centred points (no duplicates among them)."""
+    norms = torch.diagonal(gram, dim1=1, dim2=2)
+    sqdist = (norms[:, :, None] + norms[:, None, :] - 2 * gram).clamp_min_(0)
+    sqdist.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    keep = torch.ones(gram.shape[:2], dtype=torch.bool, device=gram.device)
+    return Pairwise(gram, sqdist, keep, list(range(gram.shape[0])))
+
+
 def _entropy(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     cosine = gram * scale[..., :, None] * scale[..., None, :]
-    trace = torch.diagonal(cosine, dim1=-2, dim2=-1).sum(-1)
+    trace = torch.diagonal(cosine, dim1=-2, dim2=-1).sum(-1).clamp_min(1.0)  # 0: all rows equal
     eigen = torch.linalg.eigvalsh(cosine / trace[..., None, None]).clamp_min(0)
     if alpha == 1.0:
         return -torch.special.xlogy(eigen, eigen).sum(-1)
@@ -659,7 +891,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="skip layer 0 for the last pooling (the same embedding for every sample)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--n-permutations", type=int, default=100, help="ID-correlation permutations (100)"
+    )
+    parser.add_argument("--adp-k", type=int, default=16, help="density-peak neighbours (16)")
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="also image~text overlap and CKA of every stored head.HH tap (layer x head)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap and permutation seed")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
@@ -714,6 +955,8 @@ def run(args: argparse.Namespace) -> None:
                 rows += _batch_rows(batch, present, pooling, labels, baseline, n_layers, args)
                 bar.update(len(batch))
                 batch = []
+        if args.heads and len(present) == 2:
+            rows += _head_rows(present, pooling, n_layers, args)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table = table.astype({"layer": "int64", "scale": "float64", "n": "int64", "seed": "int64"})
     io.write_parquet(table, args.out)
@@ -737,18 +980,93 @@ def _batch_rows(batch, present, pooling, labels, baseline, n_layers, args) -> li
     }
     bases = [
         {"layer": layer, "relative_depth": float(relative_depth(layer, n_layers)),
-         "model": args.model, "pooling": pooling, "seed": args.seed}
+         "model": args.model, "pooling": pooling, "tap": args.tap, "seed": args.seed}
         for layer in names
     ]  # fmt: skip
     rows = []
     for modality, p in per.items():
+        entropies = _prompt_entropies(present[modality], ids, names, args.tap)
         rows += _modality_rows(
-            p, ids, labels, baseline, args, [b | {"modality": modality} for b in bases]
+            p, ids, labels, baseline, args, [b | {"modality": modality} for b in bases], entropies
         )
     if len(per) == 2:
+        arrays = {m: [a[i] for _, _, a in batch] for i, m in enumerate(present)}
         rows += _cross_rows(
             per["image"], per["text"], args, [b | {"modality": "image~text"} for b in bases]
         )
+        rows += _gap_rows(
+            arrays["image"], arrays["text"], args, [b | {"modality": "image~text"} for b in bases]
+        )
+    return rows
+
+
+def _prompt_entropies(root: Path, ids, layers: list[int], tap: str) -> np.ndarray | None:
+    """(L, N) per-prompt entropies of ``root``'s prompt_entropy.parquet, if it has them."""
+    path = Path(root) / "prompt_entropy.parquet"
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path)
+    table = table[table["tap"] == tap]
+    wide = table.pivot_table(index="layer", columns="id", values="entropy")
+    if not set(layers) <= set(wide.index):
+        return None
+    return wide.reindex(index=layers, columns=list(ids)).to_numpy()
+
+
+def _gap_rows(image: list, text: list, args, bases: list[dict]) -> list[dict]:
+    """Modality gap and shared structure of the paired image / text vectors, per layer."""
+    from vlmlayers.stats import bootstrap_ci
+
+    cosines = paired_cosine(np.stack(image), np.stack(text), per_point=True)
+    corr = id_correlation(
+        image,
+        text,
+        n_permutations=args.n_permutations,
+        seed=args.seed,
+        fraction=args.twonn_fraction,
+    )
+    homogeneity = adp_homogeneity(image, text, k=args.adp_k)
+    rows = []
+    for i, base in enumerate(bases):
+        n = len(cosines[i])
+        ci = bootstrap_ci(cosines[i], n_boot=args.n_boot, seed=args.seed, statistic=np.median)
+        rows += [
+            _row(base, "modality_cosine", math.nan, np.median(cosines[i]), ci, n),
+            _row(base, "id_correlation", math.nan, corr.corr[i], n=n),
+            _row(base, "id_correlation_p", args.n_permutations, corr.p[i], n=n),
+            _row(base, "adp_homogeneity", args.adp_k, homogeneity[i], n=2 * n),
+        ]
+    return rows
+
+
+def _head_rows(present: dict, pooling: str, n_layers: int, args) -> list[dict]:
+    """Image~text neighbourhood overlap and linear CKA of every head tap in both stores."""
+    from vlmlayers import activations
+    from vlmlayers.stats import relative_depth
+
+    heads = sorted(
+        set.intersection(
+            *(
+                {p.name.removeprefix("tap=") for p in Path(r).glob("tap=head.*")}
+                for r in present.values()
+            )
+        )
+    )
+    rows = []
+    for tap in heads:
+        for layer in activations.layers(present["image"], tap):
+            _, (image, text) = activations.load_paired(
+                [present["image"], present["text"]], layer, pooling, tap
+            )
+            pa, pb = (pairwise(x, device=args.device, dtype=args.dtype) for x in (image, text))
+            base = {"layer": layer, "relative_depth": float(relative_depth(layer, n_layers)),
+                    "model": args.model, "pooling": pooling, "tap": tap, "seed": args.seed,
+                    "modality": "image~text"}  # fmt: skip
+            overlap = neighbourhood_overlap(pa, pb, k=args.k, per_point=True)
+            rows += [
+                _mean_row(base, "neighbour_overlap", args.k, overlap, args),
+                _row(base, "cka_linear", math.nan, linear_cka(pa, pb), n=len(image)),
+            ]
     return rows
 
 
@@ -792,8 +1110,11 @@ def _row(base: dict, metric: str, scale: float, value: float, ci=(math.nan, math
                    "ci_low": float(ci[0]), "ci_high": float(ci[1]), "n": int(n)}  # fmt: skip
 
 
-def _modality_rows(p: Pairwise, ids, labels, baseline, args, bases: list[dict]) -> list[dict]:
+def _modality_rows(
+    p: Pairwise, ids, labels, baseline, args, bases: list[dict], prompt_entropy=None
+) -> list[dict]:
     n_kept = p.n_kept.tolist()
+    entropy = _entropy(p.gram, 1.0).cpu().numpy()
     prof = gride(p, range_max=args.gride_range_max)  # first: its neighbour lists are the longest
     ids_twonn = twonn(p, fraction=args.twonn_fraction)
     overlaps = {}
@@ -816,6 +1137,9 @@ def _modality_rows(p: Pairwise, ids, labels, baseline, args, bases: list[dict]) 
             rows.append(_row(base, "id_gride", scale, value, ci, n_kept[i]))
         for metric, per in overlaps.items():
             rows.append(_mean_row(base, metric, args.k, per[i], args))
+        rows.append(_row(base, "entropy", math.nan, entropy[i], n=p.n_points))
+        if prompt_entropy is not None:
+            rows.append(_mean_row(base, "prompt_entropy", math.nan, prompt_entropy[i], args))
     return rows
 
 
@@ -834,6 +1158,7 @@ def _cross_rows(image: Pairwise, text: Pairwise, args, bases: list[dict]) -> lis
     overlap = neighbourhood_overlap(image, text, k=args.k, per_point=True)
     i2t, t2i = information_imbalance(image, text, k=args.imbalance_k)
     cka = linear_cka(image, text)
+    shared = svcca(image, text)
     n_joint = (image.keep & text.keep).sum(dim=1).tolist()
     rows = []
     for i, base in enumerate(bases):
@@ -842,5 +1167,6 @@ def _cross_rows(image: Pairwise, text: Pairwise, args, bases: list[dict]) -> lis
             _row(base, "information_imbalance:image->text", args.imbalance_k, i2t[i], n=n_joint[i]),
             _row(base, "information_imbalance:text->image", args.imbalance_k, t2i[i], n=n_joint[i]),
             _row(base, "cka_linear", math.nan, cka[i], n=image.n_points),
+            _row(base, "svcca", 0.99, shared[i], n=image.n_points),
         ]
     return rows

@@ -14,7 +14,19 @@ and FIG.svg (same stem). Tables of the same kind are concatenated (e.g. one per 
 * ``intervention``: heatmap of the change in accuracy (``delta``) per window (x, relative depth of
   the window) and model x task (rows), one panel per intervention;
 * ``finetune``: selective fine-tuning score vs training time per variant (layer band), panels
-  per task (columns) and prompt form (rows).
+  per task (columns) and prompt form (rows);
+* ``similarity`` (``vlmlayers compare`` tables): model vs model similarity by depth, one panel
+  per measure (neighbourhood overlap, linear CKA, SVCCA), one colour per pair ``A~B`` (in the
+  order of the pair's roles), image prompts solid, text dashed;
+* ``modality_gap``: image vs caption of the same sample by depth per model: median cosine
+  (``modality_cosine``) and density-peak cluster homogeneity (``adp_homogeneity``);
+* ``entropy``: matrix-based entropy by depth over the dataset (``entropy``) and within a prompt
+  (``prompt_entropy``), per model and prompt form;
+* ``heads``: heatmaps layer (rows, deepest on top) x head of the image-text neighbourhood overlap
+  and linear CKA of each head's output (geometry rows with tap ``head.HH``), one column per model.
+
+Depth profiles show the ``--tap`` rows (``residual``; a table without a ``tap`` column is all
+residual stream), so per-head rows never mix into them.
 
 Colours are fixed per model role (base grey, aligned blue, tuned orange, other variants green,
 shades when a role has several models), per prompt modality (image vermilion, text sky blue) and
@@ -62,6 +74,7 @@ VARIANT_COLOURS = {
     "early": CB[4], "late": CB[5], "complement": CB[6],
 }  # fmt: skip
 SPARE_COLOURS = [CB[8], CB[7], CB[9], CB[3]]
+PAIR_COLOURS = [CB[4], CB[2], CB[5], CB[6], CB[8], CB[0], CB[1], CB[3]]
 CONDITIONS = {
     ("image", "image"): "train image -> test image",
     ("text", "text"): "train text -> test text",
@@ -296,38 +309,54 @@ def _id_rows(table: pd.DataFrame, scale: float) -> tuple[pd.DataFrame, str]:
     return pd.concat([twonn, gride], ignore_index=True), gride_panel
 
 
+def _tap(table: pd.DataFrame, args, what: str) -> pd.DataFrame:
+    """Rows of the tap shown (``--tap``, residual by default); a table without a ``tap`` column is
+    all residual stream, and rows with no tap are too."""
+    if "tap" not in table.columns:
+        return table
+    return _pick(table.assign(tap=table["tap"].fillna("residual")), "tap", args.tap, what)
+
+
+def _profiles(agg: pd.DataFrame, panels: Mapping[str, str], ylabels, roles, args) -> plt.Figure:
+    """One panel per ``panel`` value of ``agg`` (title ``panels[value]``; y label ``ylabels``, or
+    ``ylabels[value]``): a line per model (colour by role) and prompt form (image solid, text
+    dashed; an ``image~text`` row is one line per model)."""
+    names = [p for p in panels if p in set(agg["panel"])]
+    palette = model_palette(roles)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names) + 1.8, 3.8), squeeze=False)
+    forms = list(MODALITY_STYLES) + sorted(set(agg["modality"]) - set(MODALITY_STYLES))
+    handles = {}
+    for ax, panel in zip(axes[0], names, strict=True):
+        _thirds(ax, args.thirds)
+        part = agg[agg["panel"] == panel]
+        for model in model_order(roles):
+            for modality in forms:
+                sel = part[(part["model"] == model) & (part["modality"] == modality)]
+                if sel.empty:
+                    continue
+                style = MODALITY_STYLES.get(modality, ("-", "o"))
+                _line(ax, sel, palette[model], style)
+                form = f", {modality} prompts" if modality in ("image", "text") else ""
+                handles[f"{model} ({roles[model]}){form}"] = _handle(palette[model], style)
+        ax.set_title(panels[panel], fontsize=10)
+        ax.set_ylabel(ylabels if isinstance(ylabels, str) else ylabels[panel])
+    fig.supxlabel(DEPTH_LABEL, fontsize=9)
+    _legend(fig, handles, "model, input")
+    return fig
+
+
 @figure("id", "Intrinsic dimension across depth")
 def plot_id(table: pd.DataFrame, args) -> plt.Figure:
     _need(table, ["relative_depth", "model", "modality", "metric", "scale", "value"], "geometry")
-    rows = _pick(table, "pooling", args.pooling, "geometry")
+    rows = _tap(_pick(table, "pooling", args.pooling, "geometry"), args, "geometry")
     rows = rows[rows["modality"].isin(["image", "text"])]
     rows, gride_panel = _id_rows(rows, args.scale)
     if rows.empty:
         raise NotMeasured("no id_twonn / id_gride rows for image or text inputs")
     rows = with_roles(rows, args.roles)
     agg = aggregate(rows, ["panel", "model", "modality", "relative_depth"])
-    panels = [p for p in ("TwoNN", gride_panel) if p in set(agg["panel"])]
-    roles = model_roles(rows)
-    palette = model_palette(roles)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.8, 3.8), squeeze=False)
-    handles = {}
-    for ax, panel in zip(axes[0], panels, strict=True):
-        _thirds(ax, args.thirds)
-        part = agg[agg["panel"] == panel]
-        for model in model_order(roles):
-            for modality in ("image", "text"):
-                sel = part[(part["model"] == model) & (part["modality"] == modality)]
-                if sel.empty:
-                    continue
-                style = MODALITY_STYLES[modality]
-                _line(ax, sel, palette[model], style)
-                handles[f"{model} ({roles[model]}), {modality} prompts"] = _handle(
-                    palette[model], style
-                )
-        ax.set_title(panel, fontsize=10)
-        ax.set_ylabel("intrinsic dimension")
-    fig.supxlabel(DEPTH_LABEL, fontsize=9)
-    _legend(fig, handles, "model, input")
+    panels = {"TwoNN": "TwoNN", gride_panel: gride_panel}
+    fig = _profiles(agg, panels, "intrinsic dimension", model_roles(rows), args)
     fig.suptitle(
         f"{args.title} (pooling: {args.pooling}); higher = more dimensions in use", fontsize=11
     )
@@ -337,7 +366,8 @@ def plot_id(table: pd.DataFrame, args) -> plt.Figure:
 @figure("overlap", "Image-text neighbourhood overlap across depth")
 def plot_overlap(table: pd.DataFrame, args) -> plt.Figure:
     _need(table, ["relative_depth", "model", "modality", "metric", "value"], "geometry")
-    rows = with_roles(_pick(table, "pooling", args.pooling, "geometry"), args.roles)
+    rows = _tap(_pick(table, "pooling", args.pooling, "geometry"), args, "geometry")
+    rows = with_roles(rows, args.roles)
     overlap = rows[(rows["metric"] == "neighbour_overlap") & (rows["modality"] == "image~text")]
     if overlap.empty:
         raise NotMeasured("no neighbour_overlap rows (modality image~text): both stores needed")
@@ -378,6 +408,215 @@ def plot_overlap(table: pd.DataFrame, args) -> plt.Figure:
     fig.supxlabel(DEPTH_LABEL, fontsize=9)
     _legend(fig, handles, "model")
     fig.suptitle(f"{args.title} (pooling: {args.pooling}); band = 95% bootstrap CI", fontsize=11)
+    return fig
+
+
+SIMILARITY = {
+    "neighbour_overlap": "neighbourhood overlap",
+    "cka_linear": "linear CKA",
+    "svcca": "SVCCA",
+}
+
+
+def _pair_models(rows: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """{pair ("A~B"): (A, B)} from the ``model_a``/``model_b`` columns, else the name."""
+    if {"model_a", "model_b"} <= set(rows.columns):
+        named = rows.drop_duplicates("model")
+        return {
+            str(m): (str(a), str(b))
+            for m, a, b in zip(named["model"], named["model_a"], named["model_b"], strict=True)
+        }
+    return {str(m): tuple(f"{m}~".split("~")[:2]) for m in set(rows["model"])}
+
+
+def pair_palette(pairs: Mapping[str, tuple[str, str]], overrides=None) -> dict[str, tuple]:
+    """One colour per compared pair, so a pair keeps its colour across runs: pairs ordered by
+    their models' roles, latest first (tuned~aligned, tuned~base, aligned~base, then variants)."""
+    names = pd.DataFrame({"model": sorted({m for pair in pairs.values() for m in pair})})
+    roles = model_roles(names, overrides)
+    rank = {r: i for i, r in enumerate(("tuned", "aligned", "base"))}
+
+    def key(pair):
+        return (*(rank.get(roles.get(m), len(rank)) for m in pairs[pair]), pair)
+
+    order = sorted(pairs, key=key)
+    colours = PAIR_COLOURS * (len(order) // len(PAIR_COLOURS) + 1)
+    return dict(zip(order, colours, strict=False))
+
+
+@figure("similarity", "Model vs model: representational similarity across depth")
+def plot_similarity(table: pd.DataFrame, args) -> plt.Figure:
+    _need(table, ["relative_depth", "model", "modality", "metric", "value"], "compare")
+    rows = _tap(_pick(table, "pooling", args.pooling, "compare"), args, "compare")
+    rows = rows[rows["metric"].isin(list(SIMILARITY))]
+    if rows.empty:
+        raise NotMeasured(f"no {' / '.join(SIMILARITY)} rows in the compare tables")
+    rows = rows.assign(model=rows["model"].astype(str))
+    agg = aggregate(rows, ["metric", "model", "modality", "relative_depth"])
+    metrics = [m for m in SIMILARITY if m in set(agg["metric"])]
+    pairs = _pair_models(rows)
+    palette = pair_palette(pairs, args.roles)
+    forms = list(MODALITY_STYLES) + sorted(set(agg["modality"]) - set(MODALITY_STYLES))
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(4.2 * len(metrics) + 2.4, 3.8), sharey=True, squeeze=False
+    )
+    handles = {}
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        _thirds(ax, args.thirds)
+        part = agg[agg["metric"] == metric]
+        for pair, (a, b) in ((p, pairs[p]) for p in palette):
+            for modality in forms:
+                sel = part[(part["model"] == pair) & (part["modality"] == modality)]
+                if sel.empty:
+                    continue
+                style = MODALITY_STYLES.get(modality, ("-", "o"))
+                _line(ax, sel, palette[pair], style)
+                handles[f"{a} vs {b}, {modality} prompts"] = _handle(palette[pair], style)
+        ax.axhline(1, color="0.3", ls=":", lw=0.8)
+        scales = rows.loc[rows["metric"] == metric].get("scale", pd.Series()).dropna()
+        k = f" (k = {scales.iloc[0]:g})" if metric == "neighbour_overlap" and len(scales) else ""
+        ax.set_title(SIMILARITY[metric] + k, fontsize=10)
+    axes[0, 0].set_ylabel("similarity of the two models (1 = alike)")
+    fig.supxlabel(DEPTH_LABEL, fontsize=9)
+    _legend(fig, handles, "models compared, input")
+    fig.suptitle(
+        f"{args.title}\nsame layer, same samples (pooling: {args.pooling}); "
+        "band = 95% bootstrap CI",
+        fontsize=10,
+    )
+    return fig
+
+
+MODALITY_GAP = {
+    "modality_cosine": ("median image-text cosine", "cosine (1 = no gap)"),
+    "adp_homogeneity": (
+        "homogeneity of density-peak clusters",
+        "homogeneity (1 = one modality per cluster)",
+    ),
+}
+ENTROPY = {
+    "entropy": "over the dataset",
+    "prompt_entropy": "within a prompt (mean over prompts)",
+}
+
+
+def _metric_rows(table: pd.DataFrame, metrics, modalities, args) -> pd.DataFrame:
+    _need(table, ["relative_depth", "model", "modality", "metric", "value"], "geometry")
+    rows = _tap(_pick(table, "pooling", args.pooling, "geometry"), args, "geometry")
+    rows = rows[rows["metric"].isin(list(metrics)) & rows["modality"].isin(modalities)]
+    if rows.empty:
+        raise NotMeasured(
+            f"no {' / '.join(metrics)} rows (modality {' or '.join(modalities)}) in the "
+            "geometry tables"
+        )
+    return with_roles(rows.assign(panel=rows["metric"]), args.roles)
+
+
+@figure("modality_gap", "Modality gap across depth: image vs caption of the same sample")
+def plot_modality_gap(table: pd.DataFrame, args) -> plt.Figure:
+    rows = _metric_rows(table, MODALITY_GAP, ["image~text"], args)
+    agg = aggregate(rows, ["panel", "model", "modality", "relative_depth"])
+    titles = {m: title for m, (title, _) in MODALITY_GAP.items()}
+    ylabels = {m: label for m, (_, label) in MODALITY_GAP.items()}
+    fig = _profiles(agg, titles, ylabels, model_roles(rows), args)
+    fig.suptitle(
+        f"{args.title} (pooling: {args.pooling}); aligned: high cosine, low homogeneity",
+        fontsize=11,
+    )
+    return fig
+
+
+@figure("entropy", "Matrix-based entropy across depth")
+def plot_entropy(table: pd.DataFrame, args) -> plt.Figure:
+    rows = _metric_rows(table, ENTROPY, ["image", "text"], args)
+    agg = aggregate(rows, ["panel", "model", "modality", "relative_depth"])
+    fig = _profiles(agg, ENTROPY, "matrix entropy (nats)", model_roles(rows), args)
+    fig.suptitle(
+        f"{args.title} (pooling: {args.pooling}); higher = spread over more directions",
+        fontsize=11,
+    )
+    return fig
+
+
+HEAD_METRICS = {
+    "neighbour_overlap": "neighbourhood overlap",
+    "cka_linear": "linear CKA",
+    "linear_cka": "linear CKA",
+}
+
+
+def _head_number(tap: str):
+    name = str(tap).split(".", 1)[1]
+    return int(name) if name.isdigit() else name
+
+
+@figure("heads", "Image-text similarity per attention head")
+def plot_heads(table: pd.DataFrame, args) -> plt.Figure:
+    _need(table, ["layer", "model", "modality", "metric", "value", "tap"], "geometry")
+    rows = _pick(table, "pooling", args.pooling, "geometry")
+    rows = rows[
+        rows["tap"].astype(str).str.startswith("head.")
+        & (rows["modality"] == "image~text")
+        & rows["metric"].isin(list(HEAD_METRICS))
+    ]
+    if rows.empty:
+        raise NotMeasured(
+            "no per-head rows (tap head.HH, modality image~text, neighbour_overlap / cka_linear)"
+            " in the geometry tables: heads were not extracted"
+        )
+    rows = with_roles(rows, args.roles).assign(
+        head=rows["tap"].map(_head_number),
+        panel=rows["metric"].map(HEAD_METRICS),
+        relative_depth=rows.get("relative_depth", math.nan),
+    )
+    agg = aggregate(rows, ["panel", "model", "layer", "head"])
+    depth = rows.groupby("layer")["relative_depth"].first()
+    panels = list(dict.fromkeys(p for p in HEAD_METRICS.values() if p in set(agg["panel"])))
+    roles = model_roles(rows)
+    models = [m for m in model_order(roles) if m in set(agg["model"])]
+    n_heads = agg["head"].nunique()
+    n_layers = agg["layer"].nunique()
+    fig, axes = plt.subplots(
+        len(panels),
+        len(models),
+        figsize=(len(models) * (0.28 * n_heads + 2.2) + 1.2, len(panels) * (0.22 * n_layers + 1.6)),
+        squeeze=False,
+    )
+    for i, panel in enumerate(panels):
+        part = agg[agg["panel"] == panel]
+        top = float(np.nanmax(part["value"])) or 1.0
+        for j, model in enumerate(models):
+            ax = axes[i, j]
+            grid = part[part["model"] == model].pivot_table(
+                index="layer", columns="head", values="value"
+            )
+            grid = grid.sort_index(ascending=False)  # deepest layer at the top
+            sns.heatmap(
+                grid,
+                ax=ax,
+                cmap="viridis",
+                vmin=0,
+                vmax=top,
+                annot=grid.size <= 64,
+                fmt=".2f",
+                annot_kws={"fontsize": 6},
+                cbar=j == len(models) - 1,
+                cbar_kws={"label": panel},
+            )
+            ax.set_yticks(
+                np.arange(len(grid.index)) + 0.5,
+                [f"{layer} ({depth.get(layer, math.nan):.2f})" for layer in grid.index],
+                fontsize=6,
+                rotation=0,
+            )
+            ax.set_title(f"{model} ({roles[model]}): {panel}", fontsize=9)
+            ax.set_xlabel("head" if i == len(panels) - 1 else "")
+            ax.set_ylabel("layer (relative depth)" if j == 0 else "")
+    fig.suptitle(
+        f"{args.title} (pooling: {args.pooling}): image vs caption prompts of the same samples, "
+        "each head's output",
+        fontsize=11,
+    )
     return fig
 
 
@@ -635,6 +874,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="PNG path (SVG written beside)")
     parser.add_argument("--pooling", default="last", help="pooling shown (probe/id/overlap)")
+    parser.add_argument(
+        "--tap", default="residual", help="tap point shown by the depth profiles (residual)"
+    )
     parser.add_argument("--scale", type=float, default=32, help="GRIDE scale n2 (nearest; 32)")
     parser.add_argument("--label", nargs="*", help="probe labels shown (default: all)")
     parser.add_argument("--subset", default="all", help="eval subset: all | seen | heldout")

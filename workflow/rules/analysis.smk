@@ -46,9 +46,40 @@ rule geometry:
             if config["geometry"]["baseline_label"]
             else ""
         ),
+        heads="--heads" if config["geometry"]["heads"] else "",
         code=code_version("geometry.py", "activations.py", "stats.py"),
     shell:
         "VLMLAYERS_THREADS={threads} vlmlayers geometry --model {wildcards.model:q} "
         "{params.stores} --labels {input.labels:q} --poolings {params.g[poolings]} "
         "--k {params.g[k]} --gride-range-max {params.g[gride_range_max]} {params.baseline} "
-        "--n-boot {params.g[n_boot]} --seed {params.seed} --out {output:q} > {log:q} 2>&1"
+        "--n-boot {params.g[n_boot]} --n-permutations {params.g[n_permutations]} "
+        "--adp-k {params.g[adp_k]} {params.heads} --seed {params.seed} --out {output:q} "
+        "> {log:q} 2>&1"
+
+
+rule compare:
+    input:
+        unpack(compare_stores),
+    output:
+        f"{RESULTS}/compare/{{a}}~{{b}}/{{dataset}}.parquet",
+    log:
+        "logs/compare/{a}~{b}/{dataset}.log",
+    wildcard_constraints:
+        a=r"[^/~]+",
+        b=r"[^/~]+",
+    conda:
+        "../../envs/torch.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        seed=config["seed"],
+        stores=compare_store_args,
+        c=config["compare"],
+        code=code_version("compare.py", "geometry.py", "activations.py", "stats.py"),
+    shell:
+        "VLMLAYERS_THREADS={threads} vlmlayers compare --models {wildcards.a:q} {wildcards.b:q} "
+        "{params.stores} --poolings {params.c[poolings]} --k {params.c[k]} "
+        "--svcca-variance {params.c[svcca_variance]} --n-boot {params.c[n_boot]} "
+        "--seed {params.seed} --out {output:q} > {log:q} 2>&1"

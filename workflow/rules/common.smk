@@ -56,6 +56,8 @@ def model_specs():
             }
     for name, spec in config["models"].items():
         specs[name] = {"role": "tuned", "family": None, **spec}
+        if "compose" in spec:  # built by rule compose (compose.smk)
+            specs[name]["path"] = f"{RESULTS}/models/{name}"
     return specs
 
 
@@ -319,6 +321,10 @@ FIGURES = {
     "eval": "eval",
     "intervention": "intervention",
     "finetune": "finetune",
+    "similarity": "compare",
+    "modality_gap": "geometry",
+    "entropy": "geometry",
+    "heads": "geometry",
 }
 
 
@@ -334,6 +340,8 @@ def analysis_tables(kind):
         return expand(f"{RESULTS}/intervention/{{run}}.parquet", run=INTERVENTIONS)
     if kind == "finetune":
         return [f"{RESULTS}/finetune.parquet"] if FINETUNE else []
+    if kind == "compare":
+        return compare_tables()
     return expand(
         f"{RESULTS}/{kind}/{{model}}/{{dataset}}.parquet",
         model=MODELS,
@@ -378,3 +386,58 @@ def intervention_args(wildcards):
         donor = run["donor"]
         args.append(f"--donor {shlex.quote(donor)} {spec_args(donor, 'donor-')}")
     return " ".join(args)
+
+
+def compare_pairs():
+    """(A, B) -> prompt forms compared (compare.pairs, checked against the models): those of
+    compare.modalities that both models have, so image only between two VLMs."""
+    c = config["compare"]
+    pairs = {}
+    for a, b in c["pairs"]:
+        for name in (a, b):
+            if name not in MODELS:
+                raise ValueError(
+                    f"compare.pairs: unknown model {name!r}; known: {sorted(MODELS)}"
+                )
+            if "~" in name or "/" in name:
+                raise ValueError(f"compare.pairs: {name!r}: '~' and '/' not allowed")
+        if a == b:
+            raise ValueError(f"compare.pairs: [{a}, {b}] compares a model with itself")
+        both = set(modalities(a)) & set(modalities(b))
+        forms = [m for m in c["modalities"] if m in both]
+        if not forms:
+            raise ValueError(
+                f"compare.pairs: {a} and {b} share no prompt form in {c['modalities']}"
+            )
+        pairs[(a, b)] = forms
+    return pairs
+
+
+COMPARE = compare_pairs()
+
+
+def compare_tables():
+    """One table per compared pair and dataset."""
+    return expand(
+        f"{RESULTS}/compare/{{pair}}/{{dataset}}.parquet",
+        pair=[f"{a}~{b}" for a, b in COMPARE],
+        dataset=DATASETS,
+    )
+
+
+def compare_stores(wildcards):
+    """The two models' activation stores, per prompt form compared (a_image, b_image, ...)."""
+    models = {"a": wildcards.a, "b": wildcards.b}
+    return {
+        f"{side}_{m}": store(name, wildcards.dataset, m)
+        for m in COMPARE[(wildcards.a, wildcards.b)]
+        for side, name in models.items()
+    }
+
+
+def compare_store_args(wildcards, input):
+    """`vlmlayers compare` flags: --image A_STORE B_STORE, --text A_STORE B_STORE."""
+    return " ".join(
+        f"--{m} {shlex.quote(input[f'a_{m}'])} {shlex.quote(input[f'b_{m}'])}"
+        for m in COMPARE[(wildcards.a, wildcards.b)]
+    )
