@@ -161,18 +161,19 @@ def test_intervention_panels_tell_sweeps_apart(tmp_path):
 
 
 def finetune_table() -> pd.DataFrame:
-    """As ``vlmlayers finetune table`` writes it (both comparisons)."""
+    """As ``vlmlayers finetune table`` writes it (both comparisons and the learning curves)."""
     rows = []
     variants = {"full": ("0,1,2,3,4,5", 10.0), "middle": ("2,3", 6.0), "early": ("0,1", 5.0)}
-    for (variant, (layers, secs)), seed, task, modality, comparison in itertools.product(
+    for (variant, (layers, secs)), seed, task, modality, (comparison, step) in itertools.product(
         variants.items(), [0, 1], ["vision", "knowledge"], ["image", "text"],
-        ["equal_steps", "equal_time"],
+        [("equal_steps", 100), ("equal_time", 100), ("curve", 50), ("curve", 100)],
     ):  # fmt: skip
         acc = 0.8 - (0.02 if variant == "middle" else 0.0) - 0.1 * (variant == "early")
+        acc -= 0.1 * (step == 50)
         rows.append(
             {"variant": variant, "band": variant, "layers": layers, "seed": seed,
-             "comparison": comparison, "step": 100, "trainable_params": 1000,
-             "train_seconds": secs * 100, "step_seconds": secs / 10, "peak_mem_mb": 500.0,
+             "comparison": comparison, "step": step, "trainable_params": 1000,
+             "train_seconds": secs * step, "step_seconds": secs / 10, "peak_mem_mb": 500.0,
              "task": task, "modality": modality, "subset": "all", "accuracy": acc,
              "ci_low": acc - 0.04, "ci_high": acc + 0.04}
         )  # fmt: skip
@@ -186,6 +187,7 @@ TABLES = {
     "eval": eval_table,
     "intervention": intervention_table,
     "finetune": finetune_table,
+    "curve": finetune_table,
     "similarity": compare_table,
     "modality_gap": geometry_table_new,
     "entropy": geometry_table_new,
@@ -291,3 +293,12 @@ def test_depth_profiles_show_the_residual_tap_only(tmp_path):
     assert "median image-text cosine" in svg and "tuned (tuned)" in svg
     svg = draw(tmp_path, "entropy", table)
     assert "base (base), text prompts" in svg and "within a prompt" in svg
+
+
+def test_learning_curves_show_both_forms_by_step_and_by_seconds(tmp_path):
+    svg = draw(tmp_path, "curve", finetune_table())
+    for text in ("image prompts", "text prompts", "training step", "training seconds", "middle"):
+        assert text in svg
+    no_curve = finetune_table().query("comparison != 'curve'")
+    assert "not measured in this run" in draw(tmp_path, "curve", no_curve)
+    assert "curve" not in draw(tmp_path, "finetune", finetune_table())  # not a finetune panel

@@ -15,6 +15,8 @@ and FIG.svg (same stem). Tables of the same kind are concatenated (e.g. one per 
   the window) and model x task (rows), one panel per intervention;
 * ``finetune``: selective fine-tuning score vs training time per variant (layer band), panels
   per task (columns) and prompt form (rows);
+* ``curve``: learning curves of every variant, accuracy (mean over tasks) by training step and by
+  training seconds, one row per prompt form;
 * ``similarity`` (``vlmlayers compare`` tables): model vs model similarity by depth, one panel
   per measure (neighbourhood overlap, linear CKA, SVCCA), one colour per pair ``A~B`` (in the
   order of the pair's roles), image prompts solid, text dashed;
@@ -769,6 +771,7 @@ def plot_finetune(table: pd.DataFrame, args) -> plt.Figure:
     rows = _pick(table, "subset", args.subset, "finetune")
     if "comparison" not in rows.columns:
         rows = rows.assign(comparison="equal_steps")
+    rows = rows[rows["comparison"] != "curve"]  # the learning curves have their own figure
     rows = rows.assign(
         variant=rows["variant"].astype(str),
         panel=rows["comparison"].astype(str).str.replace("_", " ") + ", " + rows["modality"],
@@ -828,6 +831,44 @@ def plot_finetune(table: pd.DataFrame, args) -> plt.Figure:
         f"{args.title}; up-left is better; error bars = 95% bootstrap CI (seed envelope)",
         fontsize=11,
     )
+    return fig
+
+
+@figure("curve", "Selective fine-tuning: learning curves in both prompt forms")
+def plot_curve(table: pd.DataFrame, args) -> plt.Figure:
+    _need(table, ["variant", "comparison", "step", "modality", "accuracy", args.time], "finetune")
+    rows = _pick(table[table["comparison"] == "curve"], "subset", args.subset, "finetune")
+    if rows.empty:
+        raise NotMeasured("no learning-curve rows (finetune.snapshot_every: 0?)")
+    rows = rows.assign(variant=rows["variant"].astype(str))
+    keys = ["modality", "variant", "step"]
+    agg = aggregate(rows, keys, "accuracy")
+    agg = agg.merge(rows.groupby(keys)[args.time].mean().rename("time").reset_index(), on=keys)
+    variants = list(dict.fromkeys(v for v in VARIANT_COLOURS if v in set(agg["variant"])))
+    variants += sorted(set(agg["variant"]) - set(variants))
+    palette = variant_palette(variants)
+    forms = [m for m in ("image", "text") if m in set(agg["modality"])]
+    fig, axes = plt.subplots(
+        len(forms), 2, figsize=(11, 3.3 * len(forms) + 0.8), sharey="row", squeeze=False
+    )
+    for i, form in enumerate(forms):
+        for j, (x, label) in enumerate((("step", "training step"), ("time", "training seconds"))):
+            ax = axes[i, j]
+            for variant in variants:
+                sel = agg[(agg["modality"] == form) & (agg["variant"] == variant)]
+                sel = sel.sort_values("step")
+                if sel.empty:
+                    continue
+                ax.plot(sel[x], sel["value"], "o-", color=palette[variant], ms=4)
+                ax.fill_between(
+                    sel[x], sel["ci_low"], sel["ci_high"], color=palette[variant], alpha=0.12
+                )
+            ax.set_title(f"{form} prompts", fontsize=9)
+            ax.set_xlabel(label)
+            if j == 0:
+                ax.set_ylabel("accuracy (mean over tasks)")
+    _legend(fig, {v: _handle(palette[v], ("-", "o")) for v in variants}, "trained layers")
+    fig.suptitle(f"{args.title}; bands = 95% bootstrap CI (seed envelope)", fontsize=11)
     return fig
 
 

@@ -321,6 +321,7 @@ FIGURES = {
     "eval": "eval",
     "intervention": "intervention",
     "finetune": "finetune",
+    "curve": "finetune",
     "similarity": "compare",
     "modality_gap": "geometry",
     "entropy": "geometry",
