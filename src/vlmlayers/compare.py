@@ -208,17 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--svcca-variance", type=float, default=0.99, help="variance SVCCA keeps (0.99)"
     )
-    parser.add_argument(
-        "--skip-layer-zero",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="skip layer 0 for the last pooling (the same embedding for every sample)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda")
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    parser.add_argument("--out", type=Path, required=True, help="output Parquet")
+    geometry.add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:

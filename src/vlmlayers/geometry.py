@@ -886,12 +886,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "question-identity baseline; default question_type, skipped if absent",
     )
     parser.add_argument(
-        "--skip-layer-zero",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="skip layer 0 for the last pooling (the same embedding for every sample)",
-    )
-    parser.add_argument(
         "--n-permutations", type=int, default=100, help="ID-correlation permutations (100)"
     )
     parser.add_argument("--adp-k", type=int, default=16, help="density-peak neighbours (16)")
@@ -899,6 +893,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--heads",
         action="store_true",
         help="also image~text overlap and CKA of every stored head.HH tap (layer x head)",
+    )
+    add_run_arguments(parser)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every per-layer geometry stage shares (``geometry``, ``compare``)."""
+    parser.add_argument(
+        "--skip-layer-zero",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip layer 0 for the last pooling (the same embedding for every sample)",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap and permutation seed")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
