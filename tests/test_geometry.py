@@ -235,6 +235,109 @@ def test_bench_runs_small_and_agrees(tmp_path, dadapy):
     assert result["agreement"]["twonn_b"]["max_rel_diff"] < 1e-6
 
 
+def _dadapy_clustering(compiled: bool):
+    """DADApy's Clustering class (ADP). Its compiled kernels (k*, PAk, ADP) are built against
+    numpy < 2 and do not load under numpy 2; a folder of kernels rebuilt from DADApy's own .c
+    files can be named by VLMLAYERS_DADAPY_CYTHON. ``compiled``: skip without them; otherwise
+    stand-ins fill in and only DADApy's pure-Python ADP (``compute_clustering_ADP_pure_python``)
+    can run."""
+    import contextlib
+    import importlib.machinery
+    import io
+    import os
+    import types
+
+    if importlib.util.find_spec("dadapy") is None:
+        pytest.skip("dadapy not installed")
+    _bench().import_dadapy()  # the dadapy package, without its __init__ where that fails
+    package = sys.modules.get("dadapy._cython") or importlib.import_module("dadapy._cython")
+    folders = [Path(importlib.util.find_spec("dadapy").submodule_search_locations[0]) / "_cython"]
+    if os.environ.get("VLMLAYERS_DADAPY_CYTHON"):
+        folders.insert(0, Path(os.environ["VLMLAYERS_DADAPY_CYTHON"]))
+    kernels = ("cython_clustering", "cython_clustering_v2", "cython_density")
+    kernels += ("cython_maximum_likelihood_opt", "cython_maximum_likelihood_opt_full")
+    for name in kernels:
+        full = f"dadapy._cython.{name}"
+        module = sys.modules.get(full)
+        if module is None or getattr(module, "_stand_in", False):
+            for so in (f for folder in folders for f in sorted(folder.glob(f"{name}.*.so"))):
+                loader = importlib.machinery.ExtensionFileLoader(full, str(so))
+                spec = importlib.util.spec_from_file_location(full, so, loader=loader)
+                try:
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        module = importlib.util.module_from_spec(spec)
+                        loader.exec_module(module)
+                    break
+                except ImportError:
+                    module = None
+            if module is None:
+                module = types.ModuleType(full)
+                module._stand_in = True
+            sys.modules[full] = module
+            setattr(package, name, module)
+    clustering = importlib.import_module("dadapy.clustering")
+    used = ("cython_clustering", "cython_density", "cython_maximum_likelihood_opt_full")
+    if compiled and any(
+        getattr(sys.modules[f"dadapy._cython.{n}"], "_stand_in", False) for n in used
+    ):
+        pytest.skip("DADApy's compiled ADP kernels do not load (numpy 2); see _dadapy_clustering")
+    return clustering.Clustering
+
+
+def _peaks_data(seed: int) -> np.ndarray:
+    """(2, 600, 8): five Gaussian blobs of different widths; a bent 6-d cloud in 8-d."""
+    rng = np.random.default_rng(seed)
+    centres = 4 * rng.normal(size=(5, 8))
+    blobs = np.concatenate([rng.uniform(0.5, 1.5) * rng.normal(size=(120, 8)) + c for c in centres])
+    bent = np.tanh(rng.normal(size=(600, 6)) @ rng.normal(size=(6, 8)))
+    return np.stack([blobs, bent])
+
+
+@pytest.mark.filterwarnings("ignore:Careful! The intrinsic dimension")
+def test_density_peaks_equal_dadapy_adp():
+    """The whole of DADApy's compute_clustering_ADP (ID, k*, PAk, ADP) on the same points."""
+    Clustering = _dadapy_clustering(compiled=True)
+    x = _peaks_data(8)
+    for z, halo in ((1.65, False), (1.65, True), (0.5, False)):
+        ours = geometry.density_peaks(x, z=z, halo=halo)
+        for layer in range(2):
+            ref = Clustering(coordinates=x[layer])
+            assert np.array_equal(ours[layer], ref.compute_clustering_ADP(Z=z, halo=halo))
+            kstar = geometry._adp_kstar(
+                ref.distances, ref.dist_indices, ref.intrinsic_dim, ref.maxk
+            )
+            assert np.array_equal(kstar, ref.kstar)
+            log_den, error = geometry._pak(ref.distances, kstar, ref.intrinsic_dim)
+            assert log_den == pytest.approx(ref.log_den, rel=1e-9)
+            assert error == pytest.approx(ref.log_den_err, rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Careful! The intrinsic dimension")
+def test_density_peak_merging_equals_dadapy_pure_python():
+    """DADApy's pure-Python ADP, given our k* and PAk densities: the same clusters as ours. The
+    near-copies (pairs 0.01 apart, ID ~0.2) reach the removed peaks with no labelled neighbour,
+    where DADApy's compiled ADP reads its table one row off and ours follows the Python one."""
+    Clustering = _dadapy_clustering(compiled=False)
+    rng = np.random.default_rng(9)
+    x = _peaks_data(9)
+    base = np.tanh(rng.normal(size=(300, 8)) @ rng.normal(size=(8, 64)))
+    near_copies = np.concatenate([base, base + 0.01 * rng.normal(size=base.shape)])
+    cases = [(x[0], 1.65), (x[0], 0.5), (x[1], 1.65), (x[1], 0.5), (near_copies, 1.65)]
+    for points, z in cases:
+        ref = Clustering(coordinates=points)
+        ref.compute_id_2NN()
+        assert ref.intrinsic_dim == pytest.approx(geometry.twonn(points), rel=1e-9)
+        kstar = geometry._adp_kstar(ref.distances, ref.dist_indices, ref.intrinsic_dim, ref.maxk)
+        ref.kstar = kstar
+        ref.log_den, ref.log_den_err = geometry._pak(ref.distances, kstar, ref.intrinsic_dim)
+        expected = ref.compute_clustering_ADP_pure_python(Z=z)
+        ours = geometry.density_peaks(points, z=z)
+        assert np.array_equal(ours, expected) and ref.N_clusters == ours.max() + 1
+        assert ours.min() == 0
+    assert ref.intrinsic_dim < 0.5
+    assert len(np.unique(geometry.density_peaks(x[0]))) > 1
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 
@@ -364,6 +467,17 @@ def test_stage_keeps_layer_zero_on_request_as_nan(tmp_path):
     assert table[table.layer == 1].value.notna().all()
     with pytest.raises(FileNotFoundError, match=r"img/tap=post_mlp: no layer=NN"):
         main(args[:-2] + ["--tap", "post_mlp", "--out", str(out)])
+    # --taps: every measure on another tap too (its layers 1..L), rows named by tap
+    _store(store, {1: 2 * per_layer[1], 2: rng.normal(size=(80, 8))}, ids, "mlp_out")
+    main(args[:-3] + ["--taps", "residual", "mlp_out", "--out", str(out)])
+    table = pd.read_parquet(out)
+    mlp = table[table.tap == "mlp_out"]
+    assert sorted(mlp.layer.unique()) == [1, 2]
+    assert set(mlp.metric) == {"id_twonn", "id_gride", "entropy"}
+    assert mlp.relative_depth.max() == 1.0
+    residual = table[(table.tap == "residual") & (table.layer == 1)].set_index(["metric", "scale"])
+    same = mlp[mlp.layer == 1].set_index(["metric", "scale"])  # 2x the residual vectors
+    assert same.value.to_numpy() == pytest.approx(residual.value.loc[same.index].to_numpy())
 
 
 def test_matrix_entropy_is_log_rank_for_orthonormal_rows_and_zero_for_rank_one():
@@ -377,6 +491,13 @@ def test_matrix_entropy_is_log_rank_for_orthonormal_rows_and_zero_for_rank_one()
     assert batched == pytest.approx([np.log(19)] * 2)
     renyi2 = geometry.matrix_entropy(rows, alpha=2.0)  # equal eigenvalues: every order agrees
     assert renyi2 == pytest.approx(np.log(19))
+    x = _layers(n_layers=3, n=80, dim=12, seed=4)
+    for alpha in (1.0, 2.0):
+        per_layer = [geometry.matrix_entropy(layer, alpha=alpha) for layer in x]
+        assert geometry.matrix_entropy(x, alpha=alpha) == pytest.approx(per_layer, rel=1e-12)
+        assert geometry.matrix_entropy(geometry.pairwise(x), alpha=alpha) == pytest.approx(
+            per_layer, rel=1e-12
+        )
 
 
 def test_svcca_sees_through_invertible_maps_not_independent_data():
@@ -385,7 +506,21 @@ def test_svcca_sees_through_invertible_maps_not_independent_data():
     mixed = a @ rng.normal(size=(12, 12))
     assert geometry.svcca(a, mixed) == pytest.approx(1.0)
     assert geometry.svcca(a, np.c_[mixed, rng.normal(size=(200, 3)) * 1e-3]) > 0.9  # other width
-    assert geometry.svcca(a, rng.normal(size=(200, 12))) < 0.4
+    independent = geometry.svcca(a, rng.normal(size=(200, 12)))
+    assert independent < 0.4
+    # batched over layers (lists of different widths too) and from a Pairwise: the same numbers
+    other = rng.normal(size=(200, 12))
+    both = geometry.svcca(np.stack([a, a]), np.stack([mixed, other]))
+    assert both == pytest.approx([1.0, geometry.svcca(a, other)], rel=1e-10)
+    pairs = geometry.pairwise(np.stack([a, a])), geometry.pairwise(np.stack([mixed, other]))
+    assert geometry.svcca(*pairs) == pytest.approx(both, rel=1e-10)
+    assert geometry.svcca([a], [np.c_[mixed, mixed]]) == pytest.approx([1.0])
+    # only the top directions count: one dominant shared direction, the rest independent
+    shared = rng.normal(size=(200, 1))
+    x = np.c_[100 * shared, rng.normal(size=(200, 5))]
+    y = np.c_[100 * shared, rng.normal(size=(200, 5))]
+    assert geometry.svcca(x, y, variance=0.99) == pytest.approx(1.0)
+    assert geometry.svcca(x, y, variance=1.0) < 0.5
 
 
 def test_id_correlation_of_noisy_copies_and_of_independent_sets():
@@ -394,10 +529,20 @@ def test_id_correlation_of_noisy_copies_and_of_independent_sets():
     a = latent @ rng.normal(size=(3, 20)) + 0.01 * rng.normal(size=(300, 20))
     b = latent @ rng.normal(size=(3, 20)) + 0.01 * rng.normal(size=(300, 20))
     copies = geometry.id_correlation(a, b, n_permutations=30, seed=1)
-    assert copies.corr > 0.7 and copies.p == pytest.approx(1 / 31)
+    assert copies.corr > 0.7 and copies.p == pytest.approx(1 / 31)  # no permutation as low
+    assert copies.corr == pytest.approx(
+        (copies.id_a + copies.id_b - copies.id_joint) / max(copies.id_a, copies.id_b)
+    )
+    assert copies.id_joint < copies.id_a + copies.id_b and copies.n == 300
     other = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 20))
     independent = geometry.id_correlation(a, other, n_permutations=30, seed=1)
-    assert independent.p > 0.05 and independent.corr < copies.corr
+    assert independent.p > 0.05 and abs(independent.corr) < 0.2
+    # per layer, the same as one layer at a time; deterministic for a seed
+    both = geometry.id_correlation(
+        np.stack([a, a]), np.stack([b, other]), n_permutations=30, seed=1
+    )
+    assert both.corr == pytest.approx([copies.corr, independent.corr])
+    assert both.p == pytest.approx([copies.p, independent.p])
 
 
 def test_paired_cosine_and_density_peak_homogeneity():
@@ -405,6 +550,11 @@ def test_paired_cosine_and_density_peak_homogeneity():
     a = rng.normal(size=(100, 6))
     assert geometry.paired_cosine(a, a) == pytest.approx(1.0)
     assert geometry.paired_cosine(np.stack([a, -a]), np.stack([a, a])) == pytest.approx([1, -1])
+    noisy = a + rng.normal(size=(100, 6))
+    per = geometry.paired_cosine(a, noisy, per_point=True)
+    cosine = (a * noisy).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(noisy, axis=1)
+    assert per == pytest.approx(cosine, rel=1e-12)
+    assert geometry.paired_cosine(a, noisy) == pytest.approx(np.median(cosine), rel=1e-12)
 
     def blob(centre, n):
         return rng.normal(size=(n, 5)) + centre
@@ -414,3 +564,9 @@ def test_paired_cosine_and_density_peak_homogeneity():
     assert geometry.adp_homogeneity(blob(0, 120), blob(12, 120)) == pytest.approx(1.0)
     mixed = [np.concatenate([blob(0, 60), blob(12, 60)]) for _ in range(2)]
     assert geometry.adp_homogeneity(*mixed) == pytest.approx(0.0, abs=0.05)
+    # a copy of a point is clustered once, with its first copy's label
+    points = np.concatenate([blob(0, 50), blob(12, 50)])
+    with pytest.warns(geometry.DuplicatePointsWarning, match="2 identical"):
+        labels = geometry.density_peaks(np.concatenate([points, points[[3, 70]]]))
+    assert list(labels[-2:]) == [labels[3], labels[70]]
+    assert np.array_equal(labels[:100], geometry.density_peaks(points))

@@ -1,38 +1,40 @@
-"""Representation geometry per layer: intrinsic dimension, neighbourhood overlap, imbalance, CKA.
+"""Representation geometry per layer: intrinsic dimension, overlaps, CKA, entropy, modality gap.
 
-For every modality store given (``--image``, ``--text``; see ``vlmlayers.activations``) and
-every pooling, per layer: the intrinsic-dimension profile (TwoNN; GRIDE at scales n2 = 2, 4,
-..., ``--gride-range-max``) and, with ``--labels``, the label overlap of each ``labels.*``
-column (the ``--baseline-label``, ``question_type`` by default, is reported as the question-
-identity baseline row). Per modality also the matrix-based ``entropy`` of the dataset and, when
-the store has ``prompt_entropy.parquet``, the mean per-prompt entropy (``prompt_entropy``). With
-both stores: image-vs-text neighbourhood overlap, information imbalance both ways, linear CKA
-and SVCCA, the modality gap (``modality_cosine``: median per-sample cosine; ``adp_homogeneity``:
-homogeneity of density-peak clusters of the joint set w.r.t. modality) and ID correlation
-(``id_correlation``, its permutation p value ``id_correlation_p``) (modality ``image~text``).
-With ``--heads``, the image~text overlap and CKA of every ``head.HH`` tap (a layer x head
-matrix; rows carry ``tap``). Layer 0 at the ``last`` pooling is the same embedding for every
-sample and is skipped unless ``--no-skip-layer-zero``.
+For every modality store given (``--image``, ``--text``; see ``vlmlayers.activations``), every
+tap of ``--taps`` (``residual`` by default; e.g. ``mlp_out``) and every pooling, per layer: the
+intrinsic-dimension profile (TwoNN; GRIDE at scales n2 = 2, 4, ..., ``--gride-range-max``), the
+dataset-level matrix entropy (``entropy``, alpha 1), the mean per-prompt entropy
+(``prompt_entropy``) when the store has ``prompt_entropy.parquet``, and, with ``--labels``, the
+label overlap of each ``labels.*`` column (the ``--baseline-label``, ``question_type`` by default,
+is reported as the question-identity baseline row). With both stores (modality ``image~text``):
+neighbourhood overlap, information imbalance both ways, linear CKA, SVCCA (``svcca``), ID
+correlation (``id_correlation``, its permutation p value ``id_correlation_p``), the median
+per-sample image-text cosine (``modality_cosine``) and the homogeneity of the density-peak
+clusters of the joint set w.r.t. modality (``adp_homogeneity``). With ``--heads``, for every
+``head.HH`` tap in both stores: image~text ``neighbour_overlap`` and ``cka_linear`` per layer (a
+layer x head matrix). Layer 0 at the ``last`` pooling is the same embedding for every sample and
+is skipped unless ``--no-skip-layer-zero``.
 
 Output: one tidy Parquet (layer, relative_depth, model, modality, pooling, tap, metric, scale,
 value, ci_low, ci_high, n, seed). ``scale`` is k for overlaps and imbalance, the GRIDE rank n2
-(the study reads n1=16/n2=32, i.e. scale 32), NaN otherwise. Overlap CIs are percentile
-bootstraps over samples; GRIDE's CI is its estimate +- 1.96 x the Fisher-information standard
-error (DADApy's).
+(the study reads n1=16/n2=32, i.e. scale 32), the variance kept for SVCCA (0.99), the number of
+permutations for ``id_correlation_p``, Z for ``adp_homogeneity``, NaN otherwise. CIs of means
+(overlaps, ``prompt_entropy``) and of the median cosine are percentile bootstraps over samples;
+GRIDE's CI is its estimate +- 1.96 x the Fisher-information standard error (DADApy's).
 
 Estimators (one function each, arrays in, numbers out, all layers at once with torch):
 ``twonn``, ``gride``, ``neighbourhood_overlap``, ``label_overlap``, ``information_imbalance``,
-``linear_cka``, ``svcca``, ``matrix_entropy``, ``paired_cosine``, ``id_correlation``,
-``density_peaks`` / ``adp_homogeneity``. Each takes an ``(N, D)`` array (-> a number), an ``(L,
-N, D)`` array or a list of per-layer arrays (-> one value per layer), or a precomputed
-``pairwise(...)`` so that one Gram matrix per layer serves every estimator. Distances are
-Euclidean, from the Gram matrix of the centred points, in float64 by default (validation grade;
-float32 is an option for GPUs). Exact duplicate points are dropped before any neighbour-based
-estimate (one copy kept; DADApy's ``remove_identical_points``), with a
+``linear_cka``, ``matrix_entropy``, ``svcca``, ``density_peaks``. Each takes an ``(N, D)`` array
+(-> a number), an ``(L, N, D)`` array or a list of per-layer arrays (-> one value per layer), or
+a precomputed ``pairwise(...)`` so that one Gram matrix per layer serves every estimator.
+``paired_cosine``, ``id_correlation`` and ``adp_homogeneity`` need the coordinates (arrays
+only). Distances are Euclidean, from the Gram matrix of the centred points, in float64 by default
+(validation grade; float32 is an option for GPUs). Exact duplicate points are dropped before any
+neighbour-based estimate (one copy kept; DADApy's ``remove_identical_points``), with a
 ``DuplicatePointsWarning`` giving the count. Values agree with DADApy 0.3.4 (Glielmo et al.
-2022, Patterns 3:100589), the reference implementation, where it has the estimator and runs
-here: its ADP clustering is compiled against numpy < 2 and does not load with the pinned numpy,
-so ``density_peaks`` is tested on cases with known answers.
+2022, Patterns 3:100589), the reference implementation, ADP clustering included (its compiled
+kernels need numpy < 2: the tests compare with kernels rebuilt from its C sources when
+VLMLAYERS_DADAPY_CYTHON names them, and always with its pure-Python ADP).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ ArrayLike = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
 EPS64 = float(np.finfo(np.float64).eps)
 MEMORY_BUDGET = 2 << 30  # bytes of Gram/distance matrices built at once by the array entry points
+SVCCA_VARIANCE = 0.99  # variance kept by the stage's SVCCA (Raghu et al.'s 99%)
 COLUMNS = (
     "layer", "relative_depth", "model", "modality", "pooling", "tap", "metric", "scale",
     "value", "ci_low", "ci_high", "n", "seed",
@@ -375,40 +378,57 @@ def svcca(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float64,
 ) -> float | np.ndarray:
-    """SVCCA (Raghu, Gilmer, Yosinski & Sohl-Dickstein 2017, NeurIPS): keep each set's top
-    singular directions explaining ``variance`` of its (centred) variance, then the mean
-    canonical correlation between the two reduced sets. From the Gram matrices: the reduced
-    sets span the top eigenvectors U of each Gram, and the canonical correlations are the
-    singular values of U_A^T U_B, so A and B may differ in width. Uses every sample."""
+    """SVCCA (Raghu, Gilmer, Yosinski & Sohl-Dickstein 2017, NeurIPS): keep each (centred) set's
+    top singular directions, as many as explain ``variance`` of its variance (squared singular
+    values), then the mean of the min(k_A, k_B) canonical correlations of the two reduced sets.
+
+    From the Gram matrices: a reduced set spans the top eigenvectors U of its Gram matrix and the
+    canonical correlations are the singular values of U_A^T U_B, so A and B may differ in width.
+    Directions beyond the numerical rank are never kept. Uses every sample, duplicates included
+    (as CKA). CCA overfits when k_A + k_B nears N: every pair of sets then looks correlated.
+    """
     if not 0.0 < variance <= 1.0:
         raise ValueError(f"variance must be in (0, 1], got {variance}")
     return _apply(lambda a, b: _svcca(a, b, variance), [A, B], device, dtype)
 
 
-def paired_cosine(A: ArrayLike, B: ArrayLike, *, per_point: bool = False) -> float | np.ndarray:
-    """Cosine between each sample's two representations (rows i of A and B, uncentred), per
-    layer: the median over samples (the study's modality gap; 1 = no gap), or every value."""
-    a, single = _layer_list(A)
-    b, _ = _layer_list(B)
+def paired_cosine(
+    A: ArrayLike,
+    B: ArrayLike,
+    *,
+    per_point: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> float | np.ndarray:
+    """Cosine between each sample's two representations (row i of A and of B, same width, not
+    centred), per layer: the median over samples, the study's modality-gap statistic (1 = a
+    sample's image and text vectors point the same way), or with ``per_point`` every cosine
+    ((L, N) or (N,)). A zero vector has cosine 0."""
+    a_layers, single = _layer_list(A)
+    b_layers, _ = _layer_list(B)
+    if len(a_layers) != len(b_layers):
+        raise ValueError(f"inputs differ in number of layers: {len(a_layers)}, {len(b_layers)}")
+    device, dtype = _resolve(device, dtype)
     values = []
-    for x, y in zip(a, b, strict=True):
-        x, y = (
-            torch.as_tensor(np.asarray(x), dtype=torch.float64),
-            torch.as_tensor(np.asarray(y), dtype=torch.float64),
-        )
-        cos = torch.nn.functional.cosine_similarity(x, y, dim=1)
-        values.append(cos[None] if per_point else cos.median()[None])
+    for a, b in zip(a_layers, b_layers, strict=True):
+        x, y = _tensor(a, device, dtype), _tensor(b, device, dtype)
+        if x.shape != y.shape:
+            raise ValueError(f"paired sets differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+        cosine = torch.nn.functional.cosine_similarity(x, y, dim=1)
+        values.append(cosine[None] if per_point else torch.quantile(cosine, 0.5)[None])
     return _finish(values, single)
 
 
 class IdCorrelation(NamedTuple):
-    """ID correlation per layer: ``corr``, permutation ``p`` value and the three TwoNN IDs."""
+    """ID correlation per layer (numbers for one layer): ``corr``, the permutation ``p`` value,
+    the TwoNN IDs of A, B and of their concatenation, and ``n`` the samples used."""
 
-    corr: np.ndarray
-    p: np.ndarray
-    id_a: np.ndarray
-    id_b: np.ndarray
-    id_joint: np.ndarray
+    corr: float | np.ndarray
+    p: float | np.ndarray
+    id_a: float | np.ndarray
+    id_b: float | np.ndarray
+    id_joint: float | np.ndarray
+    n: int | np.ndarray
 
 
 def id_correlation(
@@ -421,139 +441,139 @@ def id_correlation(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float64,
 ) -> IdCorrelation:
-    """ID correlation (Basile, Acevedo, Bortolussi, Ansuini et al., "Intrinsic dimension
-    correlation: uncovering nonlinear connections in multimodal representations", ICLR 2025).
+    """ID correlation (Basile, Acevedo, Bortolussi, Anselmi & Rodriguez 2025, "Intrinsic dimension
+    correlation: uncovering nonlinear connections in multimodal representations", ICLR; their
+    code: github.com/lorenzobasile/IDCorrelation) of two representations of the same samples.
 
-    Each set is z-scored per feature; with TwoNN (``fraction``) IDs id_A, id_B and id_AB of the
-    feature-wise concatenation [A, B], corr = (id_A + id_B - id_AB) / min(id_A, id_B): 0 for
-    independent sets (id_AB = id_A + id_B), 1 when one determines the other (id_AB = the larger
-    ID). p = (1 + #{permutations of B's rows with id_AB <= the observed}) / (1 + n_permutations).
-    The joint Gram matrix is the sum of the two (a permutation only reorders B's), so each
-    permutation costs no product. Rows identical in A or in B are dropped first.
+    Each set is z-scored per feature; from the TwoNN IDs (``fraction``) id_A, id_B and id_AB of
+    the feature-wise concatenation [A_z, B_z], corr = (id_A + id_B - id_AB) / (id_A + id_B -
+    min(id_A, id_B)) (their eq. 3; the denominator is max(id_A, id_B)): 0 for independent sets
+    (id_AB = id_A + id_B), up to min/max when one set determines the other (id_AB = the larger ID).
+    p = (1 + #{permutations of B's rows with id_AB <= the observed}) / (1 + n_permutations) (the
+    reference counts only smaller ones: equal but for ties). Arrays only (z-scoring needs the
+    coordinates). Rows identical in A or in B are dropped first. Squared joint distances are
+    the sum of the two sets', and a permutation only reorders B's: it costs no product. The
+    permutations restart from ``seed`` at every layer (a layer's value does not depend on the
+    others).
     """
-    device, dtype = _resolve(device, dtype)
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     a_layers, single = _layer_list(A)
     b_layers, _ = _layer_list(B)
-    generator = np.random.default_rng(seed)
+    if len(a_layers) != len(b_layers):
+        raise ValueError(f"inputs differ in number of layers: {len(a_layers)}, {len(b_layers)}")
+    device, dtype = _resolve(device, dtype)
     out = []
-    for a, b in zip(a_layers, b_layers, strict=True):
+    for layer, (a, b) in enumerate(zip(a_layers, b_layers, strict=True)):
+        if len(a) != len(b):
+            raise ValueError(f"layer {layer}: {len(a)} samples in A, {len(b)} in B")
         keep = (_first_copies(a) & _first_copies(b)).numpy()
-        grams = []
+        n = int(keep.sum())
+        if n < 3:
+            warnings.warn(
+                f"ID correlation: too few distinct samples ({n}) at layer {layer}; value NaN",
+                TooFewPointsWarning,
+                stacklevel=2,
+            )
+            out.append((math.nan, math.nan, math.nan, math.nan, math.nan, n))
+            continue
+        sqdist = []
         for x in (a, b):
-            x = torch.as_tensor(np.asarray(x)[keep]).to(device=device, dtype=dtype)
+            x = _tensor(x, device, dtype)[torch.as_tensor(keep, device=device)]
             x = x - x.mean(dim=0)
-            x = x / x.std(dim=0).clamp_min(EPS64)
-            grams.append(_gram(x[None])[0])
-        ids = [float(_twonn(_from_gram(g[None]), fraction)[0]) for g in grams]
-        joint = float(_twonn(_from_gram((grams[0] + grams[1])[None]), fraction)[0])
+            x = x / x.std(dim=0).clamp_min(EPS64)  # a constant feature stays 0
+            sqdist.append(_from_gram(_gram(x[None])).sqdist[0])
+        # squared joint distances: the sum of the two (the diagonal stays inf)
+        id_a, id_b, id_joint = (
+            float(_twonn(_from_sqdist(sq[None]), fraction)[0])
+            for sq in (sqdist[0], sqdist[1], sqdist[0] + sqdist[1])
+        )
+        generator = np.random.default_rng(seed)
         null = []
-        for _ in range(n_permutations):
-            order = torch.as_tensor(generator.permutation(len(grams[1])), device=device)
-            shuffled = grams[1][order][:, order]
-            null.append(float(_twonn(_from_gram((grams[0] + shuffled)[None]), fraction)[0]))
-        corr = (ids[0] + ids[1] - joint) / min(ids)
-        p = (1 + sum(v <= joint for v in null)) / (1 + n_permutations)
-        out.append((corr, p, ids[0], ids[1], joint))
-    columns = [np.array(c) for c in zip(*out, strict=True)]
-    return IdCorrelation(*(float(c[0]) if single else c for c in columns))
+        chunk = max(1, MEMORY_BUDGET // (2 * n * n * dtype.itemsize))
+        for start in range(0, n_permutations, chunk):
+            count = min(chunk, n_permutations - start)
+            order = torch.as_tensor(
+                np.stack([generator.permutation(n) for _ in range(count)]), device=device
+            )
+            joint = sqdist[1][order[:, :, None], order[:, None, :]].add_(sqdist[0])
+            null.append(_twonn(_from_sqdist(joint), fraction).cpu())
+        null = torch.cat(null).numpy() if null else np.zeros(0)
+        corr = (id_a + id_b - id_joint) / max(id_a, id_b)
+        p = (1 + int((null <= id_joint).sum())) / (1 + n_permutations)
+        out.append((corr, p, id_a, id_b, id_joint, n))
+    columns = [np.array(column) for column in zip(*out, strict=True)]
+    columns[-1] = columns[-1].astype(np.int64)
+    return IdCorrelation(*(column[0].item() if single else column for column in columns))
+
+
+def density_peaks(
+    X: ArrayLike | Pairwise,
+    *,
+    z: float = 1.65,
+    halo: bool = False,
+    maxk: int = 100,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> np.ndarray:
+    """Cluster labels by Advanced Density Peaks (d'Errico, Facco, Laio & Rodriguez 2021, Inf.
+    Sci. 560:476), as DADApy's ``Data(X).compute_clustering_ADP(Z=z, halo=halo)``.
+
+    Its steps, reproduced (its compiled version; for a removed peak with no labelled point
+    among its maxk neighbours, its pure-Python one): TwoNN dimension (fraction 0.9); each
+    point's neighbourhood size k* by the likelihood-ratio test (alpha 1e-6) among its ``maxk``
+    (= min(100, N - 1)) nearest neighbours; the PAk log density and its error by the same
+    damped Newton iterations; peaks of density - error within k*; then, highest saddle first,
+    every two peaks not ``z`` errors above their saddle are merged. The neighbour search is
+    batched over layers (torch); density and merging run per layer on the CPU (numpy).
+    Returns labels 0, 1, ... ((N,) or (L, N)); -1 for halo points with ``halo``, and for every
+    point of a layer with fewer than 5 distinct points. Identical rows are clustered once and
+    share their first copy's label.
+    """
+    if z < 0:
+        raise ValueError(f"z must be >= 0, got {z}")
+    if maxk < 4:
+        raise ValueError(f"maxk must be >= 4, got {maxk}")
+    labels = _apply(lambda p: _density_peaks(p, z, halo, maxk), [X], device, dtype)
+    return np.asarray(labels).astype(np.int64)
 
 
 def adp_homogeneity(
     A: ArrayLike,
     B: ArrayLike,
     *,
-    k: int = 16,
     z: float = 1.65,
+    maxk: int = 100,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float64,
 ) -> float | np.ndarray:
-    """Homogeneity (Rosenberg & Hirschberg 2007) w.r.t. the set (A or B) of the clusters that
-    :func:`density_peaks` finds in the joint set (A's rows stacked on B's, same width): 1 when
-    every cluster holds one set only (a modality gap), near 0 when clusters mix them."""
+    """Homogeneity (Rosenberg & Hirschberg 2007, EMNLP-CoNLL; sklearn's ``homogeneity_score``)
+    of the :func:`density_peaks` clusters of the joint set, A's rows stacked on B's (2N points,
+    same width), w.r.t. the set each point came from: 1 when every cluster holds points of one
+    set only (a modality gap), 0 when every cluster mixes the two in their overall proportion.
+    NaN for a layer :func:`density_peaks` cannot cluster."""
     from sklearn.metrics import homogeneity_score
 
     a_layers, single = _layer_list(A)
     b_layers, _ = _layer_list(B)
-    values = []
-    for a, b in zip(a_layers, b_layers, strict=True):
-        joint = np.concatenate([np.asarray(a), np.asarray(b)])
-        origin = np.repeat([0, 1], [len(a), len(b)])
-        clusters = density_peaks(joint, k=k, z=z, device=device, dtype=dtype)
-        values.append(torch.tensor([homogeneity_score(origin, clusters)]))
-    return _finish(values, single)
-
-
-def density_peaks(
-    X: np.ndarray | torch.Tensor,
-    *,
-    k: int = 16,
-    z: float = 1.65,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype = torch.float64,
-) -> np.ndarray:
-    """Cluster labels by Advanced Density Peaks (d'Errico, Facco, Laio & Rodriguez 2021, Inf.
-    Sci. 560:476), with a k-nearest-neighbour density in the TwoNN dimension instead of
-    DADApy's PAk (log rho_i = -d log r_k(i) + const, error 1/sqrt(k)).
-
-    Centres are the points densest within their k neighbourhood and in no denser point's; every
-    other point, in order of decreasing density, joins the cluster of its nearest denser point.
-    Two clusters whose saddle (the densest point of their border: mutual nearest neighbours
-    across it, within k) is not significantly less dense than either peak (log rho_peak -
-    log rho_saddle < z (err_peak + err_saddle)) are merged, highest saddle first. Identical rows
-    are clustered once and share their first copy's label."""
-    p = pairwise(X, device=device, dtype=dtype)
-    n = p.n_points
-    keep = p.keep[0].cpu().numpy()
-    labels = np.full(n, -1)
-    idx = np.flatnonzero(keep)
-    if len(idx) <= k:
-        return np.zeros(n, dtype=int)
-    dim = float(_twonn(p, 0.9)[0])
-    dist, nbr = p.neighbours(k)
-    dist, nbr = dist[0].double().cpu().numpy(), nbr[0].cpu().numpy()
-    sq = p.sqdist[0].cpu().numpy()
-    error = 1.0 / math.sqrt(k)
-    g = np.full(n, -np.inf)
-    g[idx] = -dim * np.log(np.maximum(dist[idx, -1], EPS64)) - error
-    centres = [
-        i for i in idx
-        if g[i] > g[nbr[i]].max() and not any(i in nbr[j] and g[j] > g[i] for j in idx)
-    ]  # fmt: skip
-    label = {c: c_i for c_i, c in enumerate(centres)}
-    for i in idx[np.argsort(-g[idx], kind="stable")]:
-        if i not in label:
-            denser = np.flatnonzero(keep & (g > g[i]))
-            label[i] = label[int(denser[np.argmin(sq[i, denser])])]
-    labels[list(label)] = list(label.values())
-    peak = np.array([g[c] for c in centres])
-    saddle: dict[tuple[int, int], float] = {}
-    for i in idx:  # border points: i's nearest neighbour in another cluster has i as its own
-        for j in nbr[i]:
-            a, b = labels[i], labels[j]
-            if a == b:
-                continue
-            back = [m for m in nbr[j] if labels[m] == a]
-            if back and back[0] == i:
-                key = (min(a, b), max(a, b))
-                saddle[key] = max(saddle.get(key, -np.inf), min(g[i], g[j]))
-            break
-    parent = list(range(len(centres)))
-
-    def root(c: int) -> int:
-        while parent[c] != c:
-            c = parent[c]
-        return c
-
-    for (a, b), s in sorted(saddle.items(), key=lambda item: -item[1]):
-        a, b = root(a), root(b)
-        if a == b:
-            continue
-        if min(peak[a], peak[b]) - s < z * 2 * error:  # not a significant peak: merge
-            low, high = sorted((a, b), key=lambda c: peak[c])
-            parent[low] = high
-    roots = np.array([root(c) for c in range(len(centres))])
-    labels[idx] = roots[labels[idx]]
-    return labels[_first_copy_index(X)]
+    if len(a_layers) != len(b_layers):
+        raise ValueError(f"inputs differ in number of layers: {len(a_layers)}, {len(b_layers)}")
+    joint = [
+        torch.cat([torch.as_tensor(a), torch.as_tensor(b)])
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+        else np.concatenate([np.asarray(a), np.asarray(b)])
+        for a, b in zip(a_layers, b_layers, strict=True)
+    ]
+    origin = np.repeat([0, 1], [len(a_layers[0]), len(b_layers[0])])
+    with warnings.catch_warnings():  # an image and a text vector alike: one point, one label
+        warnings.simplefilter("ignore", DuplicatePointsWarning)
+        labels = density_peaks(joint, z=z, maxk=maxk, device=device, dtype=dtype)
+    values = np.array(
+        [math.nan if (row < 0).any() else homogeneity_score(origin, row) for row in labels]
+    )
+    return float(values[0]) if single else values
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,32 +705,6 @@ def _cka(a: Pairwise, b: Pairwise) -> torch.Tensor:
     return hsic / (torch.linalg.matrix_norm(a.gram) * torch.linalg.matrix_norm(b.gram))
 
 
-def _svcca(a: Pairwise, b: Pairwise, variance: float) -> torch.Tensor:
-    _check_same_points(a, b)
-
-    def top(gram: torch.Tensor) -> torch.Tensor:
-        eigen, vectors = torch.linalg.eigh(gram)  # ascending
-        eigen, vectors = eigen.flip(-1).clamp_min(0), vectors.flip(-1)
-        share = eigen.cumsum(-1) / eigen.sum(-1).clamp_min(EPS64)
-        k = int((share < variance - 1e-12).sum()) + 1
-        return vectors[:, :k]
-
-    values = []
-    for ga, gb in zip(a.gram, b.gram, strict=True):
-        correlations = torch.linalg.svdvals(top(ga).mT @ top(gb)).clamp(max=1.0)
-        values.append(correlations.mean())
-    return torch.stack(values)
-
-
-def _from_gram(gram: torch.Tensor) -> Pairwise:
-    """A Pairwise of (L, N, N) Gram matrices of centred points (no duplicates among them)."""
-    norms = torch.diagonal(gram, dim1=1, dim2=2)
-    sqdist = (norms[:, :, None] + norms[:, None, :] - 2 * gram).clamp_min_(0)
-    sqdist.diagonal(dim1=1, dim2=2).fill_(math.inf)
-    keep = torch.ones(gram.shape[:2], dtype=torch.bool, device=gram.device)
-    return Pairwise(gram, sqdist, keep, list(range(gram.shape[0])))
-
-
 def _entropy(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
@@ -720,6 +714,264 @@ def _entropy(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     if alpha == 1.0:
         return -torch.special.xlogy(eigen, eigen).sum(-1)
     return torch.log((eigen**alpha).sum(-1)) / (1.0 - alpha)
+
+
+def _svcca(a: Pairwise, b: Pairwise, variance: float) -> torch.Tensor:
+    _check_same_points(a, b)
+    top_a, k_a = _top_directions(a.gram, variance)
+    top_b, k_b = _top_directions(b.gram, variance)
+    correlations = torch.linalg.svdvals(top_a.mT @ top_b).clamp(max=1.0)  # descending
+    k = torch.minimum(k_a, k_b)
+    used = torch.arange(correlations.shape[-1], device=k.device)[None, :] < k[:, None]
+    values = torch.where(used, correlations, 0).sum(dim=-1) / k
+    return values.masked_fill(k == 0, math.nan)
+
+
+def _top_directions(gram: torch.Tensor, variance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (L, N, N) of centred Gram matrices, columns past each layer's k zeroed: k
+    explain ``variance`` of the variance, within the numerical rank; k (L,), 0 for no variance."""
+    eigen, vectors = torch.linalg.eigh(gram)  # ascending
+    eigen, vectors = eigen.flip(-1).clamp_min(0), vectors.flip(-1)
+    tol = eigen[:, :1] * gram.shape[-1] * torch.finfo(gram.dtype).eps
+    rank = (eigen > tol).sum(dim=-1)
+    share = eigen.cumsum(-1) / eigen.sum(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+    k = torch.minimum((share < variance - 1e-12).sum(dim=-1) + 1, rank)
+    used = torch.arange(gram.shape[-1], device=gram.device)[None, :] < k[:, None]
+    return vectors * used[:, None, :], k
+
+
+def _from_gram(gram: torch.Tensor) -> Pairwise:
+    """A Pairwise of (L, N, N) Gram matrices of centred points (no duplicates among them)."""
+    norms = torch.diagonal(gram, dim1=1, dim2=2).contiguous()
+    sqdist = torch.add(norms[:, :, None], norms[:, None, :]).sub_(gram, alpha=2).clamp_min_(0)
+    sqdist.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    keep = torch.ones(gram.shape[:2], dtype=torch.bool, device=gram.device)
+    return Pairwise(gram, sqdist, keep, list(range(gram.shape[0])))
+
+
+def _from_sqdist(sqdist: torch.Tensor) -> Pairwise:
+    """A Pairwise of (L, N, N) squared distances (diagonal inf, no duplicates) for the
+    neighbour-based estimators only: its Gram matrix is an empty (L, N, 0) stand-in."""
+    gram = sqdist.new_empty(sqdist.shape[:2] + (0,))
+    keep = torch.ones(sqdist.shape[:2], dtype=torch.bool, device=sqdist.device)
+    return Pairwise(gram, sqdist, keep, list(range(sqdist.shape[0])))
+
+
+def _density_peaks(p: Pairwise, z: float, halo: bool, maxk: int) -> torch.Tensor:
+    dims = _twonn(p, 0.9).cpu().numpy()
+    dist_all, index_all = p.neighbours(min(maxk, p.n_points - 1))
+    out = torch.full(p.keep.shape, -1, dtype=torch.long)
+    few = []
+    for layer in range(p.keep.shape[0]):
+        keep = p.keep[layer]
+        kept = torch.nonzero(keep).flatten()
+        n = len(kept)
+        if n < 5 or not np.isfinite(dims[layer]):
+            few.append(layer)
+            continue
+        width = min(maxk, n - 1)
+        position = torch.full((p.n_points,), -1, dtype=torch.long, device=kept.device)
+        position[kept] = torch.arange(n, device=kept.device)
+        dist = dist_all[layer, kept, :width].double().cpu().numpy()
+        index = position[index_all[layer, kept, :width]].cpu().numpy()
+        dist = np.concatenate([np.zeros((n, 1)), dist], axis=1)  # column 0: the point itself
+        index = np.concatenate([np.arange(n)[:, None], index], axis=1)
+        kstar = _adp_kstar(dist, index, float(dims[layer]), width)
+        log_den, error = _pak(dist, kstar, float(dims[layer]))
+        rho = log_den - np.min(log_den - z * error) + 1.0  # DADApy's shift: positive densities
+        labels = torch.as_tensor(_adp_merge(rho - error, rho, error, kstar, index, z, halo))
+        out[layer, kept.cpu()] = labels
+        dropped = torch.nonzero(~keep).flatten()
+        if len(dropped):  # an identical copy: the nearest kept point, at distance 0
+            nearest = p.sqdist[layer][dropped][:, kept].argmin(dim=1).cpu()
+            out[layer, dropped.cpu()] = labels[nearest]
+    if few:
+        _warn_few(p, torch.isin(torch.arange(p.keep.shape[0]), torch.tensor(few)), "ADP", 5)
+    return out
+
+
+def _adp_kstar(dist: np.ndarray, index: np.ndarray, dim: float, maxk: int) -> np.ndarray:
+    """DADApy's k* (cython_density._compute_kstar, alpha 1e-6): the largest k whose density is
+    consistent with the neighbour's at that scale; dist/index (n, maxk + 1), column 0 = self."""
+    from scipy.stats import chi2
+
+    cols = np.arange(4, maxk)
+    if cols.size == 0:
+        return np.full(len(dist), 3)
+    ksel = cols - 1
+    log_i = dim * np.log(dist[:, ksel])  # log volumes, less the prefactor (it cancels)
+    log_j = dim * np.log(dist[index[:, cols], ksel])
+    stat = -2.0 * ksel * (log_i + log_j - 2.0 * np.logaddexp(log_i, log_j) + math.log(4.0))
+    over = stat > chi2.isf(1e-6, 1)
+    return np.where(over.any(axis=1), over.argmax(axis=1) + 3, maxk - 1)
+
+
+def _pak(
+    dist: np.ndarray, kstar: np.ndarray, dim: float, tol: float = 1e-3, max_iter: int = 10000
+) -> tuple[np.ndarray, np.ndarray]:
+    """PAk log density (Rodriguez, d'Errico, Facco & Laio 2018, JCTC 14:1206) and its error, as
+    DADApy's return_not_normalised_density_PAk_optimized with the damped Newton steps of its
+    cython _nrmaxl, step for step; only the points not yet converged are updated."""
+    n = len(dist)
+    k = kstar.astype(np.float64)
+    kmax = int(kstar.max())
+    log_pref = dim / 2.0 * math.log(math.pi) - math.lgamma((dim + 2.0) / 2.0)
+    ratio = dist[:, :kmax] / dist[:, 1 : kmax + 1]
+    resolution = np.finfo(np.float64).resolution
+    ratio = np.where(np.abs(ratio - 1.0) < resolution, ratio - 10 * resolution, ratio)
+    with np.errstate(divide="ignore", over="ignore"):
+        exponent = dim * np.log(dist[:, 1 : kmax + 1]) + np.log(1 - ratio**dim)
+        volumes = math.exp(log_pref) * np.exp(np.minimum(exponent, 300.0))  # shell volumes
+    F = np.log(k) - (log_pref + dim * np.log(dist[np.arange(n), kstar]))
+    a = np.zeros(n)
+    ell = np.arange(1, kmax + 1, dtype=np.float64)
+    valid = ell[None, :] <= k[:, None]
+    stepmax, half = 0.1 * np.abs(F), k * (k + 1) / 2.0
+    steps = np.zeros(n, dtype=np.int64)
+    live = np.flatnonzero(~((volumes < 1e-300) & valid).any(axis=1))  # others keep the start
+
+    def derivatives(i):
+        with np.errstate(over="ignore", invalid="ignore"):
+            terms = np.where(valid[i], volumes[i] * np.exp(F[i, None] + a[i, None] * ell), 0.0)
+        s0, s1, s2 = terms.sum(axis=1), terms @ ell, terms @ (ell * ell)
+        return k[i] - s0, half[i] - s1, -s0, -s1, -s2
+
+    grad_f, grad_a, h00, h01, h11 = derivatives(live)
+    for _ in range(10 * max_iter):  # DADApy counts only Newton steps; this bounds the others
+        if live.size == 0:
+            break
+        det = h00 * h11 - h01 * h01
+        singular = det < EPS64  # then DADApy's fixed-point step
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ki, hi = k[live], half[live]
+            f_fix = (-a[live] * hi - (grad_f - ki)) / ki
+            a_fix = (-f_fix * ki - (grad_f - ki)) / hi
+            delta_f = (h11 * grad_f - h01 * grad_a) / det
+            delta_a = (h00 * grad_a - h01 * grad_f) / det
+            rate = np.where(
+                np.abs(0.1 * delta_f) > stepmax[live], np.abs(stepmax[live] / delta_f), 0.1
+            )
+        F[live] = np.where(singular, f_fix, F[live] - rate * delta_f)
+        a[live] = np.where(singular, a_fix, a[live] - rate * delta_a)
+        steps[live] += ~singular
+        grad_f, grad_a, h00, h01, h11 = derivatives(live)
+        f, s = F[live], a[live]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            size = np.where(
+                (np.abs(s) <= EPS64) | (np.abs(f) <= EPS64),
+                np.maximum(np.abs(grad_f), np.abs(grad_a)),
+                np.maximum(np.abs(grad_f / f), np.abs(grad_a / s)),
+            )
+        going = (size > tol) & (steps[live] < max_iter)
+        live, grad_f, grad_a, h00, h01, h11 = (
+            x[going] for x in (live, grad_f, grad_a, h00, h01, h11)
+        )
+    return F - math.log(n), np.sqrt((4 * k + 2) / (k * (k - 1)))
+
+
+def _adp_merge(
+    g: np.ndarray,
+    rho: np.ndarray,
+    error: np.ndarray,
+    kstar: np.ndarray,
+    nbr: np.ndarray,
+    z: float,
+    halo: bool,
+) -> np.ndarray:
+    """DADApy's ADP from the densities on (cython_clustering._compute_clustering): ``g`` = rho -
+    error, ``nbr`` (n, maxk + 1) neighbour indices, column 0 = the point itself."""
+    n, width = nbr.shape
+    within = np.arange(1, width)[None, :] <= kstar[:, None]
+    g_nbr = g[nbr[:, 1:]]
+    is_peak = ~((g[:, None] < g_nbr) & within).any(axis=1)
+    putative = np.flatnonzero(is_peak)
+    # A putative peak within a denser point's k* neighbourhood is not one; it keeps the densest
+    # such point (or, if that one was removed too, the point it kept).
+    hit_i, hit_j = np.nonzero(within & is_peak[nbr[:, 1:]] & (g[:, None] > g_nbr))
+    hit_peak = nbr[hit_i, hit_j + 1]
+    denser: dict[int, int] = {}
+    for c in putative:
+        hits = hit_i[hit_peak == c]
+        if len(hits):
+            best = int(hits[np.argmax(g[hits])])
+            denser[int(c)] = denser.get(best, best)
+    peaks = np.array([c for c in putative if c not in denser], dtype=np.int64)
+    n_clusters = len(peaks)
+    cluster = -np.ones(n, dtype=np.int64)
+    cluster[peaks] = np.arange(n_clusters)
+    for i in np.argsort(-g):  # by decreasing density: the cluster of the nearest labelled point
+        nn = 0
+        while cluster[i] == -1 and nn < width - 1:
+            nn += 1
+            cluster[i] = cluster[nbr[i, nn]]
+        if cluster[i] == -1:  # a removed peak, none of its maxk neighbours labelled yet: the
+            # cluster of the densest point kept by a removed peak among them (itself included),
+            # as DADApy's pure-Python ADP (its compiled one reads that table one row off)
+            kept = [denser[q] for q in sorted(set(nbr[i].tolist()) & denser.keys())]
+            cluster[i] = cluster[kept[int(np.argmax(g[kept]))]]
+    members = [list(np.flatnonzero(cluster == c)) for c in range(n_clusters)]
+    # Saddles: p1 borders cluster cp if its nearest neighbour p2 within k* outside its cluster c
+    # is in cp and no other point of c is nearer to p2; the saddle of (c, cp) is the densest p1.
+    bord = np.zeros((n_clusters, n_clusters))
+    bord_err = np.zeros((n_clusters, n_clusters))
+    point = -np.ones((n_clusters, n_clusters), dtype=np.int64)
+    peak_set = set(peaks.tolist())
+    for c in range(n_clusters):
+        for p1 in members[c]:
+            if p1 in peak_set:
+                continue
+            outside = [q for q in nbr[p1, 1 : kstar[p1] + 1] if cluster[q] != c]
+            if not outside:
+                continue
+            p2 = outside[0]
+            cp = cluster[p2]
+            back = next((q for q in nbr[p2, 1:] if q == p1 or cluster[q] == c), p1)
+            if back == p1 and g[p1] > bord[c, cp]:
+                bord[c, cp] = bord[cp, c] = g[p1]
+                point[c, cp] = point[cp, c] = p1
+    found = point != -1
+    bord[found] = rho[point[found]]
+    bord_err[found] = error[point[found]]
+    np.fill_diagonal(bord, -1.0)
+    np.fill_diagonal(bord_err, 0.0)
+    alive = np.ones(n_clusters, dtype=bool)
+    rows, cols = np.triu_indices(n_clusters, 1)
+    rho_peak, err_peak = rho[peaks], error[peaks]
+    while len(rows):
+        saddle, err = bord[rows, cols], bord_err[rows, cols]
+        weak = (rho_peak[rows] - saddle < z * (err_peak[rows] + err)) | (
+            rho_peak[cols] - saddle < z * (err_peak[cols] + err)
+        )
+        if not weak.any():
+            break
+        pick = int(np.argmax(np.where(weak, saddle, -np.inf)))  # the highest saddle, first
+        keep, drop = rows[pick], cols[pick]
+        s, e = bord[keep, drop], bord_err[keep, drop]
+        if (rho_peak[keep] - s) / (err_peak[keep] + e) < (rho_peak[drop] - s) / (
+            err_peak[drop] + e
+        ):
+            keep, drop = drop, keep
+        alive[drop] = False
+        bord[keep, drop] = bord[drop, keep] = -1.0
+        bord_err[keep, drop] = bord_err[drop, keep] = 0.0
+        members[keep] += members[drop]
+        members[drop] = []
+        other = np.ones(n_clusters, dtype=bool)
+        other[[keep, drop]] = False
+        take = other & (bord[keep] < bord[drop])  # the merged cluster keeps the higher saddle
+        point[keep, take] = point[take, keep] = point[drop, take]
+        bord[keep, take] = bord[take, keep] = bord[drop, take]
+        bord_err[keep, take] = bord_err[take, keep] = bord_err[drop, take]
+        bord[drop, other] = bord[other, drop] = -1.0
+        bord_err[drop, other] = bord_err[other, drop] = 0.0
+    survivors = np.flatnonzero(alive)
+    labels = -np.ones(n, dtype=np.int64)
+    for new, old in enumerate(survivors):
+        labels[members[old]] = new
+    if halo:  # below the highest saddle of its cluster
+        highest = bord[np.ix_(survivors, survivors)].max(axis=1)
+        labels = np.where((labels >= 0) & (rho < highest[labels]), -1, labels)
+    return labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,6 +1071,12 @@ def _stack(seq: Sequence, device, dtype) -> torch.Tensor:
     return torch.stack([torch.as_tensor(np.asarray(x)) for x in seq]).to(device=device, dtype=dtype)
 
 
+def _tensor(x, device, dtype) -> torch.Tensor:
+    return torch.as_tensor(x if isinstance(x, torch.Tensor) else np.asarray(x)).to(
+        device=device, dtype=dtype
+    )
+
+
 def _apply(fn: Callable, inputs: list, device, dtype):
     """Run ``fn`` on Pairwise inputs, building them in layer chunks from arrays if needed."""
     if all(isinstance(x, Pairwise) for x in inputs):
@@ -874,25 +1132,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", type=Path, help="activation store of the text modality")
     parser.add_argument("--labels", type=Path, help="dataset Parquet (labels.* columns, id)")
     parser.add_argument("--poolings", nargs="+", default=["last"], help="default: last")
-    parser.add_argument("--tap", default="residual", help="tap point (default: residual)")
+    parser.add_argument(
+        "--taps",
+        "--tap",
+        nargs="+",
+        default=["residual"],
+        help="tap points given every measure, e.g. residual mlp_out (default: residual)",
+    )
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="also image~text neighbour overlap and linear CKA of every head.HH tap stored in "
+        "both stores (a layer x head matrix)",
+    )
     parser.add_argument("--k", type=int, default=30, help="neighbours for overlaps (30)")
     parser.add_argument("--gride-range-max", type=int, default=64, help="largest GRIDE n2 (64)")
     parser.add_argument("--twonn-fraction", type=float, default=0.9, help="TwoNN mu kept (0.9)")
     parser.add_argument("--imbalance-k", type=int, default=1, help="information imbalance k (1)")
     parser.add_argument(
+        "--n-permutations", type=int, default=100, help="ID-correlation permutations (100)"
+    )
+    parser.add_argument(
+        "--adp-z", type=float, default=1.65, help="density-peak merging threshold Z (1.65)"
+    )
+    parser.add_argument(
         "--baseline-label",
         default="question_type",
         help="label (labels.* column, or any dataset column, e.g. question) whose overlap is the "
         "question-identity baseline; default question_type, skipped if absent",
-    )
-    parser.add_argument(
-        "--n-permutations", type=int, default=100, help="ID-correlation permutations (100)"
-    )
-    parser.add_argument("--adp-k", type=int, default=16, help="density-peak neighbours (16)")
-    parser.add_argument(
-        "--heads",
-        action="store_true",
-        help="also image~text overlap and CKA of every stored head.HH tap (layer x head)",
     )
     add_run_arguments(parser)
 
@@ -913,8 +1180,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from vlmlayers import activations, io, runtime
 
     runtime.setup_torch(seed=args.seed)
@@ -923,155 +1188,191 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("vlmlayers geometry: give --image and/or --text")
     for root in stores.values():
         activations.read_manifest(root)
-    store_layers = {m: activations.layers(root, args.tap) for m, root in stores.items()}
+    labels, baseline = _read_label_table(args.labels, args.baseline_label)
+    rows: list[dict] = []
+    for tap in dict.fromkeys(args.taps):
+        rows += _tap_rows(stores, tap, labels, baseline, args)
+    if args.heads:
+        rows += _head_rows(stores, args)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table = table.astype({"layer": "int64", "scale": "float64", "n": "int64", "seed": "int64"})
+    io.write_parquet(table, args.out)
+
+
+def _common_layers(stores: dict, tap: str) -> tuple[list[int], int]:
+    """Layers of ``tap`` in every store (warns if they differ) and the last layer of any."""
+    from vlmlayers import activations
+
+    store_layers = {m: activations.layers(root, tap) for m, root in stores.items()}
     layers = sorted(set.intersection(*(set(v) for v in store_layers.values())))
     if any(set(v) != set(layers) for v in store_layers.values()):
         warnings.warn(
-            f"stores differ in layers {store_layers}; using the common {layers}", stacklevel=2
+            f"stores differ in layers of tap {tap} {store_layers}; using the common {layers}",
+            stacklevel=3,
         )
-    n_layers = max(max(v) for v in store_layers.values())
-    labels, baseline = _read_label_table(args.labels, args.baseline_label)
+    return layers, max(max(v) for v in store_layers.values())
+
+
+def _tap_rows(stores: dict, tap: str, labels, baseline, args) -> list[dict]:
+    """Every measure at every layer of one tap, for each pooling."""
+    from tqdm import tqdm
+
+    from vlmlayers import activations
+
+    layers, n_layers = _common_layers(stores, tap)
+    entropies = {m: _read_prompt_entropy(root, tap) for m, root in stores.items()}
     _, dtype = _resolve(args.device, args.dtype)
     rows: list[dict] = []
     for pooling in args.poolings:
         skip_zero = pooling == "last" and args.skip_layer_zero
         wanted = [layer for layer in layers if not (skip_zero and layer == 0)]
-        present = {
-            m: r for m, r in stores.items() if wanted and _stored(r, wanted, pooling, args.tap)
-        }
+        present = {m: r for m, r in stores.items() if wanted and _stored(r, wanted, pooling, tap)}
         if not present:
             continue
         batch: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
-        with tqdm(total=len(wanted), desc=f"geometry {pooling}", unit="layer") as bar:
+        with tqdm(total=len(wanted), desc=f"geometry {tap} {pooling}", unit="layer") as bar:
             for pos, layer in enumerate(wanted):
-                ids, arrays = activations.load_paired(
-                    list(present.values()), layer, pooling, args.tap
-                )
+                ids, arrays = activations.load_paired(list(present.values()), layer, pooling, tap)
                 if batch and (len(ids) != len(batch[0][1]) or (ids != batch[0][1]).any()):
                     raise ValueError(
                         f"{list(present.values())}: ids of layer {layer} differ from those of "
-                        f"layer {batch[0][0]} (pooling {pooling})"
+                        f"layer {batch[0][0]} (tap {tap}, pooling {pooling})"
                     )
                 batch.append((layer, ids, arrays))
                 n, d = arrays[0].shape
                 per_layer = len(arrays) * (3 * n * n + n * d) * dtype.itemsize
                 if len(batch) * per_layer < MEMORY_BUDGET and pos + 1 < len(wanted):
                     continue
-                rows += _batch_rows(batch, present, pooling, labels, baseline, n_layers, args)
+                rows += _batch_rows(
+                    batch, present, entropies, pooling, tap, labels, baseline, n_layers, args
+                )
                 bar.update(len(batch))
                 batch = []
-        if args.heads and len(present) == 2:
-            rows += _head_rows(present, pooling, n_layers, args)
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    table = table.astype({"layer": "int64", "scale": "float64", "n": "int64", "seed": "int64"})
-    io.write_parquet(table, args.out)
+    return rows
 
 
-def _batch_rows(batch, present, pooling, labels, baseline, n_layers, args) -> list[dict]:
+def _batch_rows(
+    batch, present, entropies, pooling, tap, labels, baseline, n_layers, args
+) -> list[dict]:
     """Rows for a batch of layers: one Pairwise per modality for all of them."""
     from vlmlayers.stats import relative_depth
 
     names = [layer for layer, _, _ in batch]
     ids = batch[0][1]
+    stacked = {m: np.stack([arrays[i] for _, _, arrays in batch]) for i, m in enumerate(present)}
     per = {
         m: pairwise(
-            np.stack([arrays[i] for _, _, arrays in batch]),
+            stacked[m],
             device=args.device,
             dtype=args.dtype,
             layers=names,
-            context=f"{root} pooling {pooling}",
+            context=f"{root} tap {tap} pooling {pooling}",
         )
-        for i, (m, root) in enumerate(present.items())
+        for m, root in present.items()
     }
     bases = [
         {"layer": layer, "relative_depth": float(relative_depth(layer, n_layers)),
-         "model": args.model, "pooling": pooling, "tap": args.tap, "seed": args.seed}
+         "model": args.model, "pooling": pooling, "tap": tap, "seed": args.seed}
         for layer in names
     ]  # fmt: skip
     rows = []
     for modality, p in per.items():
-        entropies = _prompt_entropies(present[modality], ids, names, args.tap)
+        wide = entropies[modality]
+        prompt = None if wide is None else wide.reindex(index=names, columns=list(ids)).to_numpy()
         rows += _modality_rows(
-            p, ids, labels, baseline, args, [b | {"modality": modality} for b in bases], entropies
+            p, ids, labels, baseline, args, [b | {"modality": modality} for b in bases], prompt
         )
     if len(per) == 2:
-        arrays = {m: [a[i] for _, _, a in batch] for i, m in enumerate(present)}
-        rows += _cross_rows(
-            per["image"], per["text"], args, [b | {"modality": "image~text"} for b in bases]
-        )
-        rows += _gap_rows(
-            arrays["image"], arrays["text"], args, [b | {"modality": "image~text"} for b in bases]
-        )
+        cross = [b | {"modality": "image~text"} for b in bases]
+        rows += _cross_rows(per["image"], per["text"], args, cross)
+        del per  # the joint set of the density peaks needs its own, twice as large
+        rows += _gap_rows(stacked["image"], stacked["text"], args, cross)
     return rows
 
 
-def _prompt_entropies(root: Path, ids, layers: list[int], tap: str) -> np.ndarray | None:
-    """(L, N) per-prompt entropies of ``root``'s prompt_entropy.parquet, if it has them."""
+def _read_prompt_entropy(root: Path, tap: str) -> pd.DataFrame | None:
+    """Per-prompt matrix entropies of ``tap`` (layer x id) from the store's
+    ``prompt_entropy.parquet`` (columns id, tap, layer, entropy), or None without one."""
     path = Path(root) / "prompt_entropy.parquet"
     if not path.exists():
         return None
-    table = pd.read_parquet(path)
+    table = pd.read_parquet(path, columns=["id", "tap", "layer", "entropy"])
     table = table[table["tap"] == tap]
-    wide = table.pivot_table(index="layer", columns="id", values="entropy")
-    if not set(layers) <= set(wide.index):
+    if table.empty:
         return None
-    return wide.reindex(index=layers, columns=list(ids)).to_numpy()
+    if table.duplicated(["id", "layer"]).any():
+        raise ValueError(f"{path}: more than one entropy for an id, tap {tap} and layer")
+    return table.pivot(index="layer", columns="id", values="entropy")
 
 
-def _gap_rows(image: list, text: list, args, bases: list[dict]) -> list[dict]:
-    """Modality gap and shared structure of the paired image / text vectors, per layer."""
+def _gap_rows(image: np.ndarray, text: np.ndarray, args, bases: list[dict]) -> list[dict]:
+    """Modality gap (median image-text cosine, density-peak homogeneity) and ID correlation of
+    the paired image and text vectors, per layer."""
     from vlmlayers.stats import bootstrap_ci
 
-    cosines = paired_cosine(np.stack(image), np.stack(text), per_point=True)
+    device, dtype = args.device, args.dtype
+    cosines = paired_cosine(image, text, per_point=True, device=device, dtype=dtype)
     corr = id_correlation(
         image,
         text,
         n_permutations=args.n_permutations,
         seed=args.seed,
         fraction=args.twonn_fraction,
+        device=device,
+        dtype=dtype,
     )
-    homogeneity = adp_homogeneity(image, text, k=args.adp_k)
+    homogeneity = adp_homogeneity(image, text, z=args.adp_z, device=device, dtype=dtype)
     rows = []
     for i, base in enumerate(bases):
         n = len(cosines[i])
         ci = bootstrap_ci(cosines[i], n_boot=args.n_boot, seed=args.seed, statistic=np.median)
         rows += [
             _row(base, "modality_cosine", math.nan, np.median(cosines[i]), ci, n),
-            _row(base, "id_correlation", math.nan, corr.corr[i], n=n),
-            _row(base, "id_correlation_p", args.n_permutations, corr.p[i], n=n),
-            _row(base, "adp_homogeneity", args.adp_k, homogeneity[i], n=2 * n),
+            _row(base, "id_correlation", math.nan, corr.corr[i], n=corr.n[i]),
+            _row(base, "id_correlation_p", args.n_permutations, corr.p[i], n=corr.n[i]),
+            _row(base, "adp_homogeneity", args.adp_z, homogeneity[i], n=2 * n),
         ]
     return rows
 
 
-def _head_rows(present: dict, pooling: str, n_layers: int, args) -> list[dict]:
-    """Image~text neighbourhood overlap and linear CKA of every head tap in both stores."""
+def _head_rows(stores: dict, args) -> list[dict]:
+    """Image~text neighbourhood overlap and linear CKA of every head.HH tap in both stores (not
+    among ``--taps``), one Pairwise per layer and head."""
     from vlmlayers import activations
     from vlmlayers.stats import relative_depth
 
-    heads = sorted(
-        set.intersection(
-            *(
-                {p.name.removeprefix("tap=") for p in Path(r).glob("tap=head.*")}
-                for r in present.values()
-            )
-        )
-    )
+    if len(stores) < 2:
+        warnings.warn("--heads needs both --image and --text; no head rows", stacklevel=3)
+        return []
+    found = [
+        {p.name.removeprefix("tap=") for p in Path(r).glob("tap=head.*")} for r in stores.values()
+    ]
+    heads = sorted(set.intersection(*found) - set(args.taps))
+    if not heads:
+        warnings.warn(f"--heads: no head.HH tap in both {list(stores.values())}", stacklevel=3)
+        return []
+    roots = [stores["image"], stores["text"]]
     rows = []
     for tap in heads:
-        for layer in activations.layers(present["image"], tap):
-            _, (image, text) = activations.load_paired(
-                [present["image"], present["text"]], layer, pooling, tap
-            )
-            pa, pb = (pairwise(x, device=args.device, dtype=args.dtype) for x in (image, text))
-            base = {"layer": layer, "relative_depth": float(relative_depth(layer, n_layers)),
-                    "model": args.model, "pooling": pooling, "tap": tap, "seed": args.seed,
-                    "modality": "image~text"}  # fmt: skip
-            overlap = neighbourhood_overlap(pa, pb, k=args.k, per_point=True)
-            rows += [
-                _mean_row(base, "neighbour_overlap", args.k, overlap, args),
-                _row(base, "cka_linear", math.nan, linear_cka(pa, pb), n=len(image)),
-            ]
+        layers, n_layers = _common_layers(stores, tap)
+        for pooling in args.poolings:
+            if not all(_stored(root, layers, pooling, tap) for root in roots):
+                continue
+            for layer in layers:
+                _, (image, text) = activations.load_paired(roots, layer, pooling, tap)
+                context = f"{tap} layer {layer} pooling {pooling}"
+                pa, pb = (
+                    pairwise(x, device=args.device, dtype=args.dtype, context=context)
+                    for x in (image, text)
+                )
+                base = {"layer": layer, "relative_depth": float(relative_depth(layer, n_layers)),
+                        "model": args.model, "modality": "image~text", "pooling": pooling,
+                        "tap": tap, "seed": args.seed}  # fmt: skip
+                overlap = neighbourhood_overlap(pa, pb, k=args.k, per_point=True)
+                rows += [
+                    _mean_row(base, "neighbour_overlap", args.k, overlap, args),
+                    _row(base, "cka_linear", math.nan, linear_cka(pa, pb), n=len(image)),
+                ]
     return rows
 
 
@@ -1143,7 +1444,7 @@ def _modality_rows(
         for metric, per in overlaps.items():
             rows.append(_mean_row(base, metric, args.k, per[i], args))
         rows.append(_row(base, "entropy", math.nan, entropy[i], n=p.n_points))
-        if prompt_entropy is not None:
+        if prompt_entropy is not None and np.isfinite(prompt_entropy[i]).any():
             rows.append(_mean_row(base, "prompt_entropy", math.nan, prompt_entropy[i], args))
     return rows
 
@@ -1163,7 +1464,7 @@ def _cross_rows(image: Pairwise, text: Pairwise, args, bases: list[dict]) -> lis
     overlap = neighbourhood_overlap(image, text, k=args.k, per_point=True)
     i2t, t2i = information_imbalance(image, text, k=args.imbalance_k)
     cka = linear_cka(image, text)
-    shared = svcca(image, text)
+    shared = svcca(image, text, variance=SVCCA_VARIANCE)
     n_joint = (image.keep & text.keep).sum(dim=1).tolist()
     rows = []
     for i, base in enumerate(bases):
@@ -1172,6 +1473,6 @@ def _cross_rows(image: Pairwise, text: Pairwise, args, bases: list[dict]) -> lis
             _row(base, "information_imbalance:image->text", args.imbalance_k, i2t[i], n=n_joint[i]),
             _row(base, "information_imbalance:text->image", args.imbalance_k, t2i[i], n=n_joint[i]),
             _row(base, "cka_linear", math.nan, cka[i], n=image.n_points),
-            _row(base, "svcca", 0.99, shared[i], n=image.n_points),
+            _row(base, "svcca", SVCCA_VARIANCE, shared[i], n=image.n_points),
         ]
     return rows

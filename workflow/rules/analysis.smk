@@ -52,9 +52,9 @@ rule geometry:
         "VLMLAYERS_THREADS={threads} vlmlayers geometry --model {wildcards.model:q} "
         "{params.stores} --labels {input.labels:q} --poolings {params.g[poolings]} "
         "--k {params.g[k]} --gride-range-max {params.g[gride_range_max]} {params.baseline} "
-        "--n-boot {params.g[n_boot]} --n-permutations {params.g[n_permutations]} "
-        "--adp-k {params.g[adp_k]} {params.heads} --seed {params.seed} --out {output:q} "
-        "> {log:q} 2>&1"
+        "--taps {params.g[taps]} {params.heads} --n-boot {params.g[n_boot]} "
+        "--n-permutations {params.g[n_permutations]} --adp-z {params.g[adp_z]} "
+        "--seed {params.seed} --out {output:q} > {log:q} 2>&1"
 
 
 rule compare:
