@@ -14,7 +14,7 @@ One forward pass per batch; hooks on the modules the ``vlmlayers.models`` table 
 
 Poolings: ``last`` (last prompt token), ``mean_image`` (mean over image-token positions),
 ``mean_text`` (mean over the other non-padding positions). With ``--prompt-entropy``, the
-matrix-based entropy (``vlmlayers.geometry.matrix_entropy``) of each prompt's residual token
+matrix-based entropy (``vlmlayers.entropy``) of each prompt's residual token
 matrix (its non-padding positions) per layer goes to ``prompt_entropy.parquet`` (id, tap, layer,
 entropy). Memory is bounded by the shard size. Resumable: shards go to ``<out>.partial/`` and a
 shard whose every tap x layer file (and entropy part) exists is kept across restarts; the
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from vlmlayers import __version__, activations, prompts
 from vlmlayers.data import read_dataset
+from vlmlayers.entropy import token_entropy
 from vlmlayers.io import atomic_path, hash_files, hash_tree, write_json
 from vlmlayers.models import LoadedModel, ModelSpec, add_spec_arguments, load
 from vlmlayers.runtime import resolve_dtype, setup_torch
@@ -222,15 +223,13 @@ def prompt_entropies(
     residual: dict[int, torch.Tensor], layers: list[int], attention: torch.Tensor
 ) -> np.ndarray:
     """(B, L) matrix-based entropy of each prompt's token matrix (non-padding positions) at each
-    residual layer, by :func:`vlmlayers.geometry.matrix_entropy` (float64, on the tensors'
-    device; every token counts, repeated ones included)."""
-    from vlmlayers.geometry import matrix_entropy
-
+    residual layer, by :func:`vlmlayers.entropy.token_entropy` (float64, on the tensors' device;
+    every token counts, repeated ones included)."""
     real = attention.bool()
     out = np.empty((attention.shape[0], len(layers)))
     for i in range(attention.shape[0]):
         tokens = torch.stack([residual[layer][i, real[i]] for layer in layers])
-        out[i] = matrix_entropy(tokens, device=tokens.device, dtype=torch.float64)
+        out[i] = token_entropy(tokens).cpu().numpy()
     return out
 
 

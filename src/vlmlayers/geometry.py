@@ -53,6 +53,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from vlmlayers.entropy import gram_entropy
+
 ArrayLike = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -347,26 +349,16 @@ def matrix_entropy(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float64,
 ) -> float | np.ndarray:
-    """Matrix-based entropy (Renyi order ``alpha``) of a set of points (Giraldo, Rao & Principe
-    2015, IEEE TIT 61:535; per layer as in Skean et al. 2025, "Layer by layer", ICML).
-
-    Rows are centred, then L2-normalised (a row equal to the mean stays 0); K = Z Z^T / tr(Z Z^T)
-    has eigenvalues lambda summing to 1 and S = log(sum lambda^alpha) / (1 - alpha), the von
-    Neumann entropy -sum lambda log lambda at alpha = 1 (nats). log(rank) for equal eigenvalues,
-    0 for rank-1 data. Unlike the study's scripts, Gram entries are not clamped at 0 (clamping
-    changes the spectrum and can break positive semi-definiteness). Uses every row, duplicates
-    included; for one prompt's token matrix pass its (T, D) array.
-    """
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    """Matrix-based entropy (Renyi order ``alpha``) of a set of points per layer, as defined in
+    :mod:`vlmlayers.entropy`. For one prompt's token matrix pass its (T, D) array."""
     if isinstance(X, Pairwise):
-        return _finish([_entropy(X.gram, alpha)], X.single)
+        return _finish([gram_entropy(X.gram, alpha)], X.single)
     layers, single = _layer_list(X)
     device, dtype = _resolve(device, dtype)
     values = []
     for layer in layers:  # only the Gram matrix is needed: no distances, no duplicate search
         x = torch.as_tensor(layer).to(device=device, dtype=dtype)[None]
-        values.append(_entropy(_gram(x - x.mean(dim=1, keepdim=True)), alpha))
+        values.append(gram_entropy(_gram(x - x.mean(dim=1, keepdim=True)), alpha))
     return _finish(values, single)
 
 
@@ -703,17 +695,6 @@ def _cka(a: Pairwise, b: Pairwise) -> torch.Tensor:
     _check_same_points(a, b)
     hsic = (a.gram * b.gram).sum(dim=(1, 2))
     return hsic / (torch.linalg.matrix_norm(a.gram) * torch.linalg.matrix_norm(b.gram))
-
-
-def _entropy(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-    cosine = gram * scale[..., :, None] * scale[..., None, :]
-    trace = torch.diagonal(cosine, dim1=-2, dim2=-1).sum(-1).clamp_min(1.0)  # 0: all rows equal
-    eigen = torch.linalg.eigvalsh(cosine / trace[..., None, None]).clamp_min(0)
-    if alpha == 1.0:
-        return -torch.special.xlogy(eigen, eigen).sum(-1)
-    return torch.log((eigen**alpha).sum(-1)) / (1.0 - alpha)
 
 
 def _svcca(a: Pairwise, b: Pairwise, variance: float) -> torch.Tensor:
@@ -1420,7 +1401,7 @@ def _modality_rows(
     p: Pairwise, ids, labels, baseline, args, bases: list[dict], prompt_entropy=None
 ) -> list[dict]:
     n_kept = p.n_kept.tolist()
-    entropy = _entropy(p.gram, 1.0).cpu().numpy()
+    entropy = gram_entropy(p.gram).cpu().numpy()
     prof = gride(p, range_max=args.gride_range_max)  # first: its neighbour lists are the longest
     ids_twonn = twonn(p, fraction=args.twonn_fraction)
     overlaps = {}

@@ -32,7 +32,7 @@ rule extract:
             "activations.py",
             "prompts.py",
             "models.py",
-            *(["geometry.py"] if config["extract"]["prompt_entropy"] else []),
+            *(["entropy.py"] if config["extract"]["prompt_entropy"] else []),
         ),
     shell:
         "VLMLAYERS_THREADS={threads} vlmlayers extract --model {wildcards.model:q} "
