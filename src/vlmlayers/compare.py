@@ -114,25 +114,13 @@ def compare_stores(
             wanted = [x for x in layers if not (skip_layer_zero and pooling == "last" and x == 0)]
             if not wanted or not _stored(a_root, b_root, wanted[0], pooling, tap):
                 continue
-            batch: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
-            for pos, layer in enumerate(wanted):
-                ids, arrays = activations.load_paired([a_root, b_root], layer, pooling, tap)
-                if batch and (len(ids) != len(batch[0][1]) or (ids != batch[0][1]).any()):
-                    raise ValueError(
-                        f"{a_root}: ids of layer {layer} differ from those of layer "
-                        f"{batch[0][0]} (pooling {pooling})"
-                    )
-                batch.append((layer, ids, arrays))
-                n, d = arrays[0].shape
-                per_layer = 2 * (3 * n * n + n * d) * itemsize
-                if len(batch) * per_layer < geometry.MEMORY_BUDGET and pos + 1 < len(wanted):
-                    continue
-                base = {"pooling": pooling, "tap": tap, "seed": seed}
+            base = {"pooling": pooling, "tap": tap, "seed": seed}
+            roots = [a_root, b_root]
+            for batch in geometry.layer_batches(roots, wanted, pooling, tap, itemsize):
                 rows += _batch_rows(
                     batch, depth, base, (a_root, b_root), k, svcca_variance, n_boot, seed,
                     device, dtype,
                 )  # fmt: skip
-                batch = []
     return rows
 
 

@@ -43,7 +43,7 @@ import argparse
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -1198,8 +1198,6 @@ def _tap_rows(stores: dict, tap: str, labels, baseline, args) -> list[dict]:
     """Every measure at every layer of one tap, for each pooling."""
     from tqdm import tqdm
 
-    from vlmlayers import activations
-
     layers, n_layers = _common_layers(stores, tap)
     entropies = {m: _read_prompt_entropy(root, tap) for m, root in stores.items()}
     _, dtype = _resolve(args.device, args.dtype)
@@ -1210,26 +1208,39 @@ def _tap_rows(stores: dict, tap: str, labels, baseline, args) -> list[dict]:
         present = {m: r for m, r in stores.items() if wanted and _stored(r, wanted, pooling, tap)}
         if not present:
             continue
-        batch: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
+        roots = list(present.values())
         with tqdm(total=len(wanted), desc=f"geometry {tap} {pooling}", unit="layer") as bar:
-            for pos, layer in enumerate(wanted):
-                ids, arrays = activations.load_paired(list(present.values()), layer, pooling, tap)
-                if batch and (len(ids) != len(batch[0][1]) or (ids != batch[0][1]).any()):
-                    raise ValueError(
-                        f"{list(present.values())}: ids of layer {layer} differ from those of "
-                        f"layer {batch[0][0]} (tap {tap}, pooling {pooling})"
-                    )
-                batch.append((layer, ids, arrays))
-                n, d = arrays[0].shape
-                per_layer = len(arrays) * (3 * n * n + n * d) * dtype.itemsize
-                if len(batch) * per_layer < MEMORY_BUDGET and pos + 1 < len(wanted):
-                    continue
+            for batch in layer_batches(roots, wanted, pooling, tap, dtype.itemsize):
                 rows += _batch_rows(
                     batch, present, entropies, pooling, tap, labels, baseline, n_layers, args
                 )
                 bar.update(len(batch))
-                batch = []
     return rows
+
+
+def layer_batches(
+    roots: list, layers: list[int], pooling: str, tap: str, itemsize: int
+) -> Iterator[list[tuple[int, np.ndarray, list[np.ndarray]]]]:
+    """(layer, ids, one array per store) of ``roots`` paired by id, as many layers at a time as
+    fit their Gram and distance matrices (``itemsize`` bytes each) in ``MEMORY_BUDGET``; every
+    layer must hold the same ids."""
+    from vlmlayers import activations
+
+    batch: list[tuple[int, np.ndarray, list[np.ndarray]]] = []
+    for pos, layer in enumerate(layers):
+        ids, arrays = activations.load_paired(roots, layer, pooling, tap)
+        if batch and (len(ids) != len(batch[0][1]) or (ids != batch[0][1]).any()):
+            raise ValueError(
+                f"{roots}: ids of layer {layer} differ from those of layer {batch[0][0]} "
+                f"(tap {tap}, pooling {pooling})"
+            )
+        batch.append((layer, ids, arrays))
+        n, d = arrays[0].shape
+        per_layer = len(arrays) * (3 * n * n + n * d) * itemsize
+        if len(batch) * per_layer < MEMORY_BUDGET and pos + 1 < len(layers):
+            continue
+        yield batch
+        batch = []
 
 
 def _batch_rows(

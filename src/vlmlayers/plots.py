@@ -122,6 +122,12 @@ def model_palette(roles: Mapping[str, str]) -> dict[str, tuple]:
     return palette
 
 
+def variant_order(names) -> list[str]:
+    """Fine-tuning variants in the named bands' order (full, early, ...), then the rest sorted."""
+    present = set(names)
+    return [v for v in VARIANT_COLOURS if v in present] + sorted(present - set(VARIANT_COLOURS))
+
+
 def variant_palette(variants) -> dict[str, tuple]:
     palette, spare = {}, iter(SPARE_COLOURS * 4)
     for name in variants:
@@ -787,8 +793,7 @@ def plot_finetune(table: pd.DataFrame, args) -> plt.Figure:
             bands[variant] = f" (blocks {first['layers']})"
         elif isinstance(first.get("band"), str) and first["band"] not in ("", variant):
             bands[variant] = f" ({first['band']})"
-    variants = list(dict.fromkeys(v for v in VARIANT_COLOURS if v in set(agg["variant"])))
-    variants += sorted(set(agg["variant"]) - set(variants))
+    variants = variant_order(agg["variant"])
     palette = variant_palette(variants)
     tasks = sorted(agg["task"].astype(str).unique())
     panels = sorted(agg["panel"].unique())  # comparison x prompt form
@@ -844,8 +849,7 @@ def plot_curve(table: pd.DataFrame, args) -> plt.Figure:
     keys = ["modality", "variant", "step"]
     agg = aggregate(rows, keys, "accuracy")
     agg = agg.merge(rows.groupby(keys)[args.time].mean().rename("time").reset_index(), on=keys)
-    variants = list(dict.fromkeys(v for v in VARIANT_COLOURS if v in set(agg["variant"])))
-    variants += sorted(set(agg["variant"]) - set(variants))
+    variants = variant_order(agg["variant"])
     palette = variant_palette(variants)
     forms = [m for m in ("image", "text") if m in set(agg["modality"])]
     fig, axes = plt.subplots(
