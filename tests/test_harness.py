@@ -197,3 +197,36 @@ def test_captions_are_scored_by_cider_against_the_references(tiny_world, tmp_pat
     assert (own > 1.0).all()
     assert evaluate.cider(["", *[r[0] for r in refs[1:]]], refs)[0] == 0.0
     assert evaluate.caption_words("Three small, yellow circles .") == "three small yellow circles"
+
+
+def test_loglikelihood_is_the_reply_logprob_and_knows_the_greedy_answer(tiny_models, tiny_world):
+    from lmms_eval.api.instance import Instance
+
+    from vlmlayers import prompts
+
+    loaded = load(ModelSpec(name="tuned", path=str(tiny_models["tuned"])))
+    rows = pd.read_parquet(tiny_world / "test.parquet").head(3)
+    model = harness.VlmlayersLMM(loaded=loaded, batch_size=8)
+    model.task_dict = {"t": {"test": rows.to_dict("records")}}
+    greedy = evaluate.generate_answers(loaded, prompts.encode_rows(loaded, rows, "image", 2), 5)
+
+    def request(question, reply, doc_id):
+        arguments = (prompts.image_prompt(question), reply, _image, doc_id, "t", "test")
+        meta = {"task": "t", "doc_id": doc_id, "repeats": 1}
+        return Instance("loglikelihood", arguments, idx=0, metadata=meta)
+
+    pairs = zip(rows["question"], rows["answer"], strict=True)
+    requests = [request(q, a, i) for i, (q, a) in enumerate(pairs)]
+    requests.append(request(rows["question"].iloc[0], greedy[0], 0))
+    scores = model.loglikelihood(requests)
+    batch = prompts.encode_rows(loaded, rows, "image", 2, rows["answer"].tolist())
+    expected = evaluate.answer_logprob(loaded, dict(batch))
+    assert [s for s, _ in scores[:3]] == pytest.approx(expected.tolist(), rel=1e-5)
+    if greedy[0]:  # the model's own greedy answer is greedy by construction
+        assert scores[3][1] is True
+
+
+def _image(doc):
+    from vlmlayers.data import image_of
+
+    return [image_of(doc)]

@@ -74,6 +74,13 @@ def cider(predictions: list[str | None], references: list[list[str]]) -> np.ndar
 @torch.no_grad()
 def answer_logprob(loaded: LoadedModel, batch) -> torch.Tensor:
     """Sum of log-probabilities of the reply tokens (``labels`` != -100, EOS excluded)."""
+    return reply_scores(loaded, batch)[0]
+
+
+@torch.no_grad()
+def reply_scores(loaded: LoadedModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of the reply tokens (``labels`` != -100, EOS
+    excluded) and whether greedy decoding would produce every one of them."""
     labels = batch.pop("labels")
     logits = loaded.model(**batch).logits[:, :-1].float()
     targets = labels[:, 1:]
@@ -81,8 +88,10 @@ def answer_logprob(loaded: LoadedModel, batch) -> torch.Tensor:
     # drop each row's last reply token (EOS) so the score is about the answer itself
     last = mask.cumsum(1) == mask.sum(1, keepdim=True)
     mask &= ~last
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return (logp * mask).sum(1)
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    greedy = ((logp.argmax(-1) == targets) | ~mask).all(1)
+    return (picked * mask).sum(1), greedy
 
 
 ANSWER_STOPS = ("\n", ".")  # a short answer ends at the first line break or full stop

@@ -187,18 +187,10 @@ class VlmlayersLMM(lmms):
             batch = self._encode(
                 [r.args[0] for r in chosen], [visuals[i] for i in indices], targets, self.prefill
             )
-            labels = batch.pop("labels")
             with self.intervention():
-                logits = self.loaded.model(**batch).logits[:, :-1].float()
-            target = labels[:, 1:]
-            mask = target != -100
-            last = mask.cumsum(1) == mask.sum(1, keepdim=True)  # the EOS the encoder appends
-            mask &= ~last
-            logp = torch.log_softmax(logits, -1)
-            picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-            greedy = (logp.argmax(-1) == target) | ~mask
+                logprob, greedy = evaluate.reply_scores(self.loaded, batch)
             for j, i in enumerate(indices):
-                out[i] = (float((picked[j] * mask[j]).sum()), bool(greedy[j].all()))
+                out[i] = (float(logprob[j]), bool(greedy[j]))
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
