@@ -97,6 +97,8 @@ def compare_stores(
     dtype: str = "float64",
 ) -> list[dict]:
     """Rows (without the model and modality columns) comparing two stores layer by layer."""
+    from tqdm import tqdm
+
     from vlmlayers import activations
 
     rows: list[dict] = []
@@ -116,11 +118,13 @@ def compare_stores(
                 continue
             base = {"pooling": pooling, "tap": tap, "seed": seed}
             roots = [a_root, b_root]
-            for batch in geometry.layer_batches(roots, wanted, pooling, tap, itemsize):
-                rows += _batch_rows(
-                    batch, depth, base, (a_root, b_root), k, svcca_variance, n_boot, seed,
-                    device, dtype,
-                )  # fmt: skip
+            with tqdm(total=len(wanted), desc=f"compare {tap} {pooling}", unit="layer") as bar:
+                for batch in geometry.layer_batches(roots, wanted, pooling, tap, itemsize):
+                    rows += _batch_rows(
+                        batch, depth, base, (a_root, b_root), k, svcca_variance, n_boot, seed,
+                        device, dtype,
+                    )  # fmt: skip
+                    bar.update(len(batch))
     return rows
 
 

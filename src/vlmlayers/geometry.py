@@ -1343,9 +1343,11 @@ def _head_rows(stores: dict, args) -> list[dict]:
     if not heads:
         warnings.warn(f"--heads: no head.HH tap in both {list(stores.values())}", stacklevel=3)
         return []
+    from tqdm import tqdm
+
     roots = [stores["image"], stores["text"]]
     rows = []
-    for tap in heads:
+    for tap in tqdm(heads, desc="geometry heads", unit="head"):
         layers, n_layers = _common_layers(stores, tap)
         for pooling in args.poolings:
             if not all(_stored(root, layers, pooling, tap) for root in roots):
