@@ -15,7 +15,7 @@ import pytest
 import yaml
 from families import build_tiny
 from safetensors.torch import load_file, save_file
-from workflow_helpers import copy_workflow, run_snakemake, snakemake_env
+from workflow_helpers import copy_workflow, points_into, ran, run_snakemake, snakemake_env
 
 from vlmlayers import activations
 
@@ -39,25 +39,6 @@ def _run(workdir: Path, cache: Path):
     )
 
 
-def _ran(workdir: Path, rule: str) -> bool:
-    """The rule's job ran: its log has output (Snakemake touches the log of a cached job too)."""
-    log = workdir / "logs" / f"{rule}.log"
-    return log.exists() and log.stat().st_size > 0
-
-
-def _points_into(path: Path, cache: Path) -> bool:
-    """``path`` (a file, or every entry of a directory output) is a symlink into ``cache``."""
-    entries = (
-        [e for e in path.iterdir() if e.name != ".snakemake_timestamp"]  # Snakemake's own marker
-        if path.is_dir() and not path.is_symlink()
-        else [path]
-    )
-    return bool(entries) and all(
-        e.is_symlink() and Path(os.path.realpath(e)).is_relative_to(cache.resolve())
-        for e in entries
-    )
-
-
 @pytest.fixture(scope="module")
 def filled_cache(tmp_path_factory) -> tuple[Path, Path, int]:
     """A first checkout's run that stored the cached rules: (cache, workdir, entries)."""
@@ -71,8 +52,8 @@ def filled_cache(tmp_path_factory) -> tuple[Path, Path, int]:
 
 def test_first_run_stores_the_cached_rules(filled_cache):
     cache, first, n_entries = filled_cache
-    assert _ran(first, "stage1")
-    assert _points_into(first / TARGET, cache), "stage1's output was not stored in the cache"
+    assert ran(first, "stage1")
+    assert points_into(first / TARGET, cache), "stage1's output was not stored in the cache"
     assert n_entries >= len(CACHED)
 
 
@@ -83,10 +64,27 @@ def test_second_checkout_takes_them_from_the_cache(filled_cache, tmp_path):
     text = result.stdout + result.stderr
     assert "Symlinking output file results/models/aligned/model.safetensors from cache" in text
     for rule in CACHED:
-        assert not _ran(second, rule), f"{rule} ran again"
-    assert _points_into(second / TARGET, cache)
-    assert _points_into(second / "results" / "world" / "train.parquet", cache)
+        assert not ran(second, rule), f"{rule} ran again"
+    assert points_into(second / TARGET, cache)
+    assert points_into(second / "results" / "world" / "train.parquet", cache)
     assert len(list(cache.iterdir())) == n_entries  # nothing new was stored
+
+
+def test_jobs_of_one_rule_get_their_own_entries(filled_cache, tmp_path):
+    """Extraction of one model's image and text forms: one shell command and the same input
+    files, so only the wildcards tell the jobs apart; each must get its own entry (Snakemake
+    keys a job by the unformatted command and params: `cache_key` puts the wildcards there)."""
+    cache, _, n_entries = filled_cache
+    second = copy_workflow(tmp_path / "second")
+    stores = [f"results/activations/aligned/tinyworld/{m}" for m in ("image", "text")]
+    args = ("--cores", "2", "--configfile", "config/test.yaml", "--cache", *CACHED, "extract")
+    run_snakemake(second, *stores, *args, env={"SNAKEMAKE_OUTPUT_CACHE": cache}, timeout=900)
+    targets = [Path(os.path.realpath(second / s)) for s in stores]
+    assert all(t.is_relative_to(cache.resolve()) for t in targets)
+    assert targets[0] != targets[1], "image and text extraction share one cache entry"
+    for store, modality in zip(stores, ("image", "text"), strict=True):
+        assert activations.read_manifest(second / store)["modality"] == modality
+    assert len(list(cache.iterdir())) == n_entries + 2
 
 
 def test_changed_parameter_misses_the_cache(filled_cache, tmp_path):
@@ -96,8 +94,8 @@ def test_changed_parameter_misses_the_cache(filled_cache, tmp_path):
     config = second / "config" / "test.yaml"
     config.write_text(config.read_text().replace("stage1: {steps: 10,", "stage1: {steps: 12,"))
     _run(second, cache)
-    assert _ran(second, "stage1"), "stage1 was taken from a stale entry"
-    assert not _ran(second, "pretrain_base")  # upstream still cached
+    assert ran(second, "stage1"), "stage1 was taken from a stale entry"
+    assert not ran(second, "pretrain_base")  # upstream still cached
 
 
 def _own_model_config(workdir: Path, checkpoint: Path, rows: Path) -> str:
@@ -150,7 +148,7 @@ def test_own_checkpoint_is_keyed_by_its_weights(tiny_world, tmp_path):
 
     hit = _extract_cached(checkouts[2], cache, configs[2])
     assert "from cache" in hit.communicate(timeout=600)[0] and hit.returncode == 0
-    assert not _ran(checkouts[2], "extract/mine/pairs/image")
+    assert not ran(checkouts[2], "extract/mine/pairs/image")
 
     weights = checkpoint / "model.safetensors"
     tensors = load_file(weights)
@@ -159,7 +157,7 @@ def test_own_checkpoint_is_keyed_by_its_weights(tiny_world, tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     miss = _extract_cached(checkouts[3], cache, configs[3])
     assert miss.communicate(timeout=600)[0] and miss.returncode == 0
-    assert _ran(checkouts[3], "extract/mine/pairs/image"), "changed weights hit a stale entry"
+    assert ran(checkouts[3], "extract/mine/pairs/image"), "changed weights hit a stale entry"
     assert len(list(cache.iterdir())) == 3
     changed = activations.load(checkouts[3] / store, 1)[1]
     assert not np.array_equal(changed, first)

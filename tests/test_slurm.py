@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from workflow_helpers import copy_workflow, run_snakemake, tables_equal
+from workflow_helpers import copy_workflow, points_into, ran, run_snakemake, tables_equal
 
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 START_HINT = "start one with `.ci/slurm/start.sh` (as root)"
@@ -34,7 +34,7 @@ VOLATILE_COLUMNS = (
     "seconds", "train_seconds", "step_seconds", "samples_per_second", "peak_mem_mb", "wall_s",
 )  # fmt: skip
 TIMED_TABLES = ("finetune.parquet", "claims.parquet")
-# Runs must not share outputs through Snakemake's between-workflow cache.
+# The toy workflow's runs must not share outputs through Snakemake's between-workflow cache.
 RUN_ENV = {"SNAKEMAKE_OUTPUT_CACHE": None}
 
 
@@ -91,27 +91,48 @@ def run_local_and_slurm(tmp_path: Path, setup, *args: str) -> tuple[Path, Path, 
     return results["local"], results["slurm"], tmp_path / "wf-slurm"
 
 
-@pytest.mark.slurm
-def test_workflow_under_slurm_matches_local(slurm_cluster, workflow_run, tmp_path):
-    """The real pipeline on config/test.yaml: same Parquet tables under SLURM as locally.
+# Every cacheable rule of config/test.yaml, named as non-local executors need (DESIGN.md).
+CACHED_RULES = (
+    "world", "pretrain_base", "pretrain_vision", "stage1", "stage2", "finetune_train", "extract",
+)  # fmt: skip
 
-    Without the between-workflow cache: with Snakemake 9.27 a SLURM job step fails on a cached
-    directory taken as input (IsADirectoryError), and under SLURM every cache-eligible rule is
-    cached once --cache is given (README, "Sharing expensive results")."""
-    _, local = workflow_run
-    workdir = copy_workflow(tmp_path / "wf-slurm")
-    slurm = tmp_path / "results-slurm"
+
+def _slurm_run(workdir: Path, cache: Path, *targets: str) -> None:
+    """config/test.yaml under SLURM in `workdir` (results in its results/), with the
+    between-workflow cache in `cache`."""
     run_snakemake(
         workdir,
+        *targets,
         *SLURM_ARGS,
         "--configfile",
         "config/test.yaml",
-        "--config",
-        f"results_dir={slurm}",
-        env=RUN_ENV,
+        "--cache",
+        *CACHED_RULES,
+        env={"SNAKEMAKE_OUTPUT_CACHE": cache},
         timeout=3600,
     )
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory) -> tuple[Path, Path]:
+    """The whole test.yaml workflow under SLURM, storing its cacheable rules in a fresh
+    cache: (workdir, cache)."""
+    base = tmp_path_factory.mktemp("slurm")
+    cache = base / "cache"
+    cache.mkdir()
+    workdir = copy_workflow(base / "first")
+    _slurm_run(workdir, cache)
+    return workdir, cache
+
+
+@pytest.mark.slurm
+def test_workflow_under_slurm_matches_local(slurm_run, workflow_run):
+    """The real pipeline on config/test.yaml: same Parquet tables under SLURM as locally."""
+    _, local = workflow_run
+    workdir, cache = slurm_run
+    slurm = workdir / "results"
     assert _slurm_job_logs(workdir), "no job went through SLURM (no .snakemake/slurm_logs)"
+    assert points_into(slurm / "models" / "tuned", cache), "stage2 was not stored in the cache"
     assert tables_equal(local, slurm, ignore_columns=VOLATILE_COLUMNS, exclude=TIMED_TABLES)
     ft_local, ft_slurm = (
         pd.read_parquet(r / "finetune.parquet").query("comparison == 'equal_steps'")
@@ -126,6 +147,27 @@ def test_workflow_under_slurm_matches_local(slurm_cluster, workflow_run, tmp_pat
         for r in (local, slurm)
     ]
     pd.testing.assert_series_equal(*verdicts)
+
+
+@pytest.mark.slurm
+def test_second_checkout_under_slurm_takes_the_cache(slurm_run, tmp_path):
+    """A colleague's checkout with the same config and cache: its SLURM jobs link the cached
+    checkpoints and activations instead of recomputing them. Checkpoints reach cacheable
+    rules as their digest files, which a job step can hash (it hashes every input by content
+    and cannot read a directory)."""
+    _, cache = slurm_run
+    n_entries = len(list(cache.iterdir()))
+    second = copy_workflow(tmp_path / "second")
+    store = "results/activations/tuned/tinyworld/image"
+    _slurm_run(second, cache, "results/models/aligned", store)
+    assert set(_slurm_job_logs(second)) >= {"world", "stage1", "extract"}, "jobs bypassed SLURM"
+    for rule in ("world", "pretrain_base", "pretrain_vision", "stage1", "stage2"):
+        assert not ran(second, rule), f"{rule} ran again"
+    assert not ran(second, "extract/tuned/tinyworld/image"), "extraction ran again"
+    for output in ("models/aligned", "models/tuned", "world/train.parquet"):
+        assert points_into(second / "results" / output, cache), output
+    assert points_into(second / store, cache)
+    assert len(list(cache.iterdir())) == n_entries  # nothing new was stored
 
 
 # A two-rule stand-in for the pipeline: checks the SLURM profile, the cluster (GPU gres

@@ -163,6 +163,26 @@ def run_test_config(
     )
 
 
+def ran(workdir: Path, rule: str) -> bool:
+    """The rule's job ran its command: its log (logs/<rule>.log) has output (Snakemake only
+    touches the log of a job it takes from the between-workflow cache)."""
+    log = workdir / "logs" / f"{rule}.log"
+    return log.exists() and log.stat().st_size > 0
+
+
+def points_into(path: Path, cache: Path) -> bool:
+    """``path`` (a file, or every entry of a directory output) is a symlink into ``cache``."""
+    entries = (
+        [e for e in path.iterdir() if e.name != ".snakemake_timestamp"]  # Snakemake's own marker
+        if path.is_dir() and not path.is_symlink()
+        else [path]
+    )
+    return bool(entries) and all(
+        e.is_symlink() and Path(os.path.realpath(e)).is_relative_to(cache.resolve())
+        for e in entries
+    )
+
+
 def _is_array_column(series: pd.Series) -> bool:
     if series.dtype != object:
         return False

@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "summary": "vlmlayers.summary",
     "claims": "vlmlayers.claims",
     "check-config": "vlmlayers.config",
+    "digest": "vlmlayers.digest",
 }
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from vlmlayers import __version__
-from vlmlayers.io import atomic_path, hash_files
+from vlmlayers.io import atomic_path, hash_files, tree_files
 from vlmlayers.models import ModulePaths, paths_for
 from vlmlayers.runtime import setup_torch
 
@@ -71,13 +71,7 @@ def resolve_checkpoint(source: str, revision: str | None = None) -> Path:
 
 def checkpoint_files(root: Path) -> list[Path]:
     """The files compose may read from a checkpoint directory (hidden files and pickles out)."""
-    return [
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.suffix not in _PICKLES
-    ]
+    return [p for p in tree_files(root) if p.suffix not in _PICKLES]
 
 
 def describe_checkpoint(source: str, revision: str | None, root: Path) -> dict:

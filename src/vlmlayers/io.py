@@ -54,11 +54,22 @@ def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def tree_files(root: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The files under ``root`` matching ``pattern``, sorted; hidden ones (a name part starting
+    with ".", such as Snakemake's ``.snakemake_timestamp``) left out."""
+    root = Path(root)
+    return sorted(
+        p
+        for p in root.rglob(pattern)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def hash_tree(root: str | os.PathLike, pattern: str = "*") -> str:
-    """SHA-256 of every file under ``root`` matching ``pattern`` (relative names included)."""
+    """SHA-256 of every file of :func:`tree_files` (relative names included)."""
     root = Path(root)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob(pattern) if p.is_file()):
+    for path in tree_files(root, pattern):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(hash_files([path]).encode())
     return digest.hexdigest()

@@ -256,9 +256,34 @@ def lmms_args(wildcards):
     return shlex.join(words)
 
 
+def digest_of(checkpoint):
+    """The digest file (`vlmlayers digest`) a rule writes beside a checkpoint it makes."""
+    return f"{checkpoint}.digest.json"
+
+
+def with_digest(command):
+    """The shell command of a rule that makes a checkpoint (outputs `model` and `digest`),
+    followed by the digest of what it wrote."""
+    return f"{command} && vlmlayers digest {{output.model:q}} --out {{output.digest:q}} >> {{log:q}} 2>&1"
+
+
+def cache_key(wildcards):
+    """A cacheable rule's wildcards as a param: Snakemake's between-workflow cache key covers
+    the rule's shell command *unformatted* and its params, not the wildcards that fill the
+    command in (extraction of a model's image and text forms would share one entry)."""
+    return dict(wildcards.items())
+
+
+def checkpoint_files(path):
+    """The job inputs that stand for a checkpoint directory: the digest beside it when the
+    workflow makes it (Snakemake's cache cannot hash a directory, and in a SLURM job step it
+    hashes every input by content), else `local_input`."""
+    return [digest_of(path)] if path.startswith(RESULTS) else local_input(path)
+
+
 def checkpoint_input(name):
-    """The checkpoint a job reads (tiny-world models are produced directories)."""
-    return local_input(MODELS[name]["path"])
+    """The inputs that stand for a model's checkpoint (tiny-world models are made here)."""
+    return checkpoint_files(MODELS[name]["path"])
 
 
 def model_input(wildcards):
@@ -292,6 +317,8 @@ def training_args(section):
         "hidden",
         "heads",
         "n_images",
+        "context",
+        "curriculum",
     )
     return " ".join(
         f"--{k.replace('_', '-')} {section[k]}"

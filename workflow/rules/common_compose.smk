@@ -36,8 +36,8 @@ def compose_inputs(wildcards):
     """The parts that are files here (a hub id is read from the Hugging Face cache)."""
     entry = COMPOSED[wildcards.name]
     return {
-        "architecture": local_input(compose_part(entry["architecture"])[0]),
-        "language_model": local_input(compose_part(entry["language_model"])[0]),
+        "architecture": checkpoint_files(compose_part(entry["architecture"])[0]),
+        "language_model": checkpoint_files(compose_part(entry["language_model"])[0]),
         "projector": local_input(entry["projector"]),
     }
 

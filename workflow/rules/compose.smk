@@ -14,7 +14,8 @@ rule compose:
     input:
         unpack(compose_inputs),
     output:
-        directory(f"{RESULTS}/models/{{name}}"),
+        model=directory(f"{RESULTS}/models/{{name}}"),
+        digest=digest_of(f"{RESULTS}/models/{{name}}"),
     log:
         "logs/compose/{name}.log",
     wildcard_constraints:
@@ -28,8 +29,11 @@ rule compose:
         mem_mb=lambda wc, input: max(40000, 3 * input.size_mb),
         runtime=60,
     params:
+        key=cache_key,
         args=compose_args,
         code=code_version("compose.py", "models.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers compose {params.args} --out {output:q} "
-        "> {log:q} 2>&1"
+        with_digest(
+            "VLMLAYERS_THREADS={threads} vlmlayers compose {params.args} "
+            "--out {output.model:q} > {log:q} 2>&1"
+        )

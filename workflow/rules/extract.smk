@@ -17,6 +17,7 @@ rule extract:
         runtime=120,
         gpu=lambda wc: 0 if WORLD else 1,
     params:
+        key=cache_key,
         n_captions=config["prompt"]["n_captions"],
         spec=lambda wc: spec_args(wc.model),
         dtype=lambda wc: model_dtype(wc.model, config["extract"]["dtype"]),

@@ -22,6 +22,7 @@ rule finetune_train:
         runtime=240,
         gpu=lambda wc: 0 if WORLD else 1,
     params:
+        key=cache_key,
         band=lambda wc: config["finetune"]["variants"][wc.variant],
         data=lambda wc: FINETUNE["data"],  # read by the job even when not here
         aligned=lambda wc: MODELS[FINETUNE["model"]]["path"],

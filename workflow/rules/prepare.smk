@@ -17,6 +17,7 @@ rule prepare_data:
         mem_mb=4000,
         runtime=60,
     params:
+        key=cache_key,
         args=prepare_args,
         code=code_version("prepare.py", "data.py"),
     shell:

@@ -10,6 +10,7 @@ rule world:
             "test.parquet",
             "analysis.parquet",
             "corpus.parquet",
+            "world.json",
         ),
     log:
         "logs/world.log",
@@ -37,8 +38,11 @@ rule world:
 rule pretrain_base:
     input:
         world=f"{RESULTS}/world/corpus.parquet",
+        heldout=f"{RESULTS}/world/test.parquet",  # scored into the manifest's final metrics
+        settings=f"{RESULTS}/world/world.json",
     output:
-        directory(f"{RESULTS}/models/base"),
+        model=directory(f"{RESULTS}/models/base"),
+        digest=digest_of(f"{RESULTS}/models/base"),
     log:
         "logs/pretrain_base.log",
     cache: "omit-software"
@@ -55,14 +59,17 @@ rule pretrain_base:
         every=WORLD["checkpoint_every"] if WORLD else 0,
         code=code_version("world/train.py", "world/tokenizer.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train base --world {params.world:q} "
-        "--out {output:q} {params.args} --seed {params.seed} "
-        "--checkpoint-every {params.every} > {log:q} 2>&1"
+        with_digest(
+            "VLMLAYERS_THREADS={threads} vlmlayers train base --world {params.world:q} "
+            "--out {output.model:q} {params.args} --seed {params.seed} "
+            "--checkpoint-every {params.every} > {log:q} 2>&1"
+        )
 
 
 rule pretrain_vision:
     output:
-        directory(f"{RESULTS}/models/vision"),
+        model=directory(f"{RESULTS}/models/vision"),
+        digest=digest_of(f"{RESULTS}/models/vision"),
     log:
         "logs/pretrain_vision.log",
     cache: "omit-software"
@@ -83,17 +90,21 @@ rule pretrain_vision:
         ),
         code=code_version("world/train.py", "world/scenes.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train vision --out {output:q} {params.args} "
-        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log:q} 2>&1"
+        with_digest(
+            "VLMLAYERS_THREADS={threads} vlmlayers train vision --out {output.model:q} "
+            "{params.args} {params.size} --seed {params.seed} "
+            "--checkpoint-every {params.every} > {log:q} 2>&1"
+        )
 
 
 rule stage1:
     input:
         world=f"{RESULTS}/world/train.parquet",
-        base=pretrained("base"),
-        vision=pretrained("vision"),
+        base=checkpoint_files(pretrained("base")),
+        vision=checkpoint_files(pretrained("vision")),
     output:
-        directory(f"{RESULTS}/models/aligned"),
+        model=directory(f"{RESULTS}/models/aligned"),
+        digest=digest_of(f"{RESULTS}/models/aligned"),
     log:
         "logs/stage1.log",
     cache: "omit-software"
@@ -106,6 +117,8 @@ rule stage1:
     params:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
+        base=lambda wc: pretrained("base"),
+        vision=lambda wc: pretrained("vision"),
         args=training_args(WORLD["stage1"]) if WORLD else "",
         every=WORLD["checkpoint_every"] if WORLD else 0,
         size=(
@@ -115,17 +128,21 @@ rule stage1:
         ),
         code=code_version("world/train.py", "prompts.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train stage1 --world {params.world:q} "
-        "--base {input.base:q} --vision {input.vision:q} --out {output:q} {params.args} "
-        "{params.size} --seed {params.seed} --checkpoint-every {params.every} > {log:q} 2>&1"
+        with_digest(
+            "VLMLAYERS_THREADS={threads} vlmlayers train stage1 --world {params.world:q} "
+            "--base {params.base:q} --vision {params.vision:q} --out {output.model:q} "
+            "{params.args} {params.size} --seed {params.seed} "
+            "--checkpoint-every {params.every} > {log:q} 2>&1"
+        )
 
 
 rule stage2:
     input:
         world=f"{RESULTS}/world/train.parquet",
-        aligned=f"{RESULTS}/models/aligned",
+        aligned=digest_of(f"{RESULTS}/models/aligned"),
     output:
-        directory(f"{RESULTS}/models/tuned"),
+        model=directory(f"{RESULTS}/models/tuned"),
+        digest=digest_of(f"{RESULTS}/models/tuned"),
     log:
         "logs/stage2.log",
     cache: "omit-software"
@@ -138,10 +155,13 @@ rule stage2:
     params:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
+        aligned=lambda wc: f"{RESULTS}/models/aligned",
         args=training_args(WORLD["stage2"]) if WORLD else "",
         every=WORLD["checkpoint_every"] if WORLD else 0,
         code=code_version("world/train.py", "prompts.py"),
     shell:
-        "VLMLAYERS_THREADS={threads} vlmlayers train stage2 --world {params.world:q} "
-        "--aligned {input.aligned:q} --out {output:q} {params.args} --seed {params.seed} "
-        "--checkpoint-every {params.every} > {log:q} 2>&1"
+        with_digest(
+            "VLMLAYERS_THREADS={threads} vlmlayers train stage2 --world {params.world:q} "
+            "--aligned {params.aligned:q} --out {output.model:q} {params.args} "
+            "--seed {params.seed} --checkpoint-every {params.every} > {log:q} 2>&1"
+        )
