@@ -82,12 +82,28 @@ def test_evaluate_cli_writes_tidy_table(tiny_models, tiny_world, tmp_path):
     assert set(table["task"]) == {"vision", "knowledge"}
     scored = pd.read_parquet(predictions)
     assert len(scored) == 2 * 32
+    data = pd.read_parquet(tiny_world / "test.parquet")
     accuracy = table.query("metric == 'accuracy' and subset == 'all'")
     for (modality, task), value in accuracy.set_index(["modality", "task"])["value"].items():
-        data = pd.read_parquet(tiny_world / "test.parquet")
         ids = set(data.loc[data["task"] == task, "id"])
         part = scored[(scored["modality"] == modality) & scored["id"].isin(ids)]
         assert value == pytest.approx(part["correct"].mean())
+    # one row per question type, within its task, equal to the predictions' mean
+    typed = table.query("metric == 'accuracy' and subset.str.startswith('question_type=')")
+    assert len(typed) == 2 * data["labels.question_type"].nunique()
+    for _, row in typed.iterrows():
+        kind = row["subset"].split("=", 1)[1]
+        ids = set(data.loc[data["labels.question_type"] == kind, "id"])
+        assert (data.loc[data["id"].isin(ids), "task"] == row["task"]).all()
+        part = scored[(scored["modality"] == row["modality"]) & scored["id"].isin(ids)]
+        assert row["value"] == pytest.approx(part["correct"].mean()) and row["n"] == len(ids)
+    # chance: always the commonest answer of the item's question type
+    chance = table.query("metric == 'majority_baseline' and subset == 'all' and modality == 'text'")
+    commonest = data.groupby("labels.question_type")["answer"].transform(
+        lambda a: a.value_counts().index[0]
+    )
+    hits = (data["answer"] == commonest).groupby(data["task"]).mean()
+    assert chance.set_index("task")["value"].to_dict() == pytest.approx(hits.to_dict())
 
 
 def test_text_only_model_is_scored_in_text_form(tiny_models, tiny_world, tmp_path):

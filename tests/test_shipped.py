@@ -13,45 +13,52 @@ from vlmlayers.io import hash_tree
 from vlmlayers.models import ModelSpec, load
 from vlmlayers.runtime import seed_everything
 from vlmlayers.world import scenes, train
+from vlmlayers.world.tokenizer import build_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tinyworld"
 
 
+def _manifest(kind: str) -> dict:
+    return json.loads((SHIPPED / kind / "training.json").read_text())
+
+
 @pytest.mark.parametrize("kind", ["base", "vision"])
 def test_weights_match_manifest(kind):
-    manifest = json.loads((SHIPPED / kind / "training.json").read_text())
+    manifest = _manifest(kind)
     assert hash_tree(SHIPPED / kind, "*.safetensors") == manifest["weights_sha256"]
+    assert manifest["metrics"]["n"] >= 1000  # final metrics on held-out data
 
 
 def test_base_loads_with_the_world_tokenizer():
+    manifest = _manifest("base")
     loaded = load(ModelSpec(name="base", path=str(SHIPPED / "base"), role="base", family="llama"))
-    assert loaded.n_layers == 12
-    vocab = set(loaded.tokenizer.get_vocab())
-    assert vocab >= set(scenes.vocabulary_texts()[0].split())
-    from vlmlayers.world.tokenizer import build_tokenizer
-
+    assert loaded.n_layers == manifest["params"]["layers"]
     assert loaded.tokenizer.get_vocab() == build_tokenizer(scenes.vocabulary_texts()).get_vocab()
+    by_type = manifest["metrics"]["text_accuracy_by_question_type"]
+    assert set(by_type) == set(scenes.QUESTIONS)  # every question type was scored
+
+
+def test_vision_tower_loads():
+    from transformers import CLIPVisionModel
+
+    manifest = _manifest("vision")
+    tower = CLIPVisionModel.from_pretrained(SHIPPED / "vision", use_safetensors=True)
+    assert tower.config.image_size == manifest["params"]["image_size"]
+    assert tower.config.patch_size == manifest["params"]["patch"]
 
 
 def test_pretraining_reproduces_the_first_recorded_losses(tmp_path):
-    manifest = json.loads((SHIPPED / "base" / "training.json").read_text())["params"]
-    scenes.build(
-        tmp_path / "world",
-        seed=0,
-        image_size=32,
-        n_train=4000,
-        n_test=700,
-        n_analysis=1000,
-        n_corpus=20000,
-        n_heldout_pairs=4,
-        n_captions=2,
-    )
+    """The same code, world and seed give the recorded first losses of the shipped base LM."""
+    manifest = _manifest("base")
+    scenes.build(tmp_path / "world", **manifest["world"])
+    params = manifest["params"]
     args = argparse.Namespace(
-        **{**manifest, "world": tmp_path / "world", "out": tmp_path / "base", "steps": 3}
+        **{**params, "world": tmp_path / "world", "out": tmp_path / "base", "steps": 3}
     )
     # the schedule depends on the total steps: compare the warm-up steps, where it does not
-    args.warmup = manifest["warmup"]
-    seed_everything(manifest["seed"])  # as `vlmlayers train` does before building the model
+    assert args.warmup >= 3
+    (tmp_path / "world" / "test.parquet").unlink()  # no final evaluation needed here
+    seed_everything(params["seed"])  # as `vlmlayers train` does before building the model
     train.train_base(args)
     recorded = pd.read_csv(SHIPPED / "base" / "losses.csv").head(3)
     rerun = pd.read_csv(tmp_path / "base" / "losses.csv")

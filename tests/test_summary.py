@@ -77,3 +77,35 @@ def test_curves_pool_tasks_by_items_average_seeds_and_start_at_the_aligned_model
     text = out.read_text()
     assert "## Benchmark scores" in text and "## Selective fine-tuning: learning curves" in text
     assert "| (start: aligned) |" in text
+
+
+def test_question_type_table_has_every_type_and_the_majority_answer():
+    rows = []
+    for model, value in (("tuned", 0.8), ("base", 0.6)):
+        forms = ("text",) if model == "base" else ("image", "text")
+        for form in forms:
+            for task, kind in (("vision", "colour"), ("vision", "count"), ("knowledge", "owner")):
+                rows.append(
+                    {
+                        "model": model,
+                        "role": model,
+                        "modality": form,
+                        "task": task,
+                        "subset": f"question_type={kind}",
+                        "metric": "accuracy",
+                        "value": value,
+                        "ci_low": 0.0,
+                        "ci_high": 1.0,
+                        "n": 10,
+                    }
+                )
+                rows.append({**rows[-1], "metric": "majority_baseline", "value": 0.25})
+    rows.append({**rows[0], "subset": "all", "value": 0.1})  # not a question type
+    table = summary.question_type_table(pd.DataFrame(rows))
+    assert table.index.tolist() == [
+        ("base", "text form"), ("tuned", "image form"), ("tuned", "text form"),
+        (summary.MAJORITY, "any form"),
+    ]  # fmt: skip
+    assert list(table.columns) == ["knowledge: owner", "vision: colour", "vision: count"]
+    assert table.loc[("tuned", "image form"), "vision: colour"] == "0.800 (10)"
+    assert table.loc[(summary.MAJORITY, "any form"), "knowledge: owner"] == "0.250 (10)"

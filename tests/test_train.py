@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -58,6 +59,8 @@ def _base_args(world, out, steps):
         layers=2,
         hidden=16,
         heads=2,
+        context=64,
+        curriculum=2,
     )
 
 
@@ -78,3 +81,31 @@ def test_resume_after_crash_continues_the_same_run(
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_packed_texts_see_only_themselves():
+    """Packing several texts into one row changes nothing a text sees: its logits equal those
+    of the text alone, and its first token (predicted from the previous text) is no target."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2)
+    ).eval()  # fmt: skip
+    texts = [[1, 5, 9, 7], [1, 3, 3, 8, 2, 6], [1, 4], [1, 11, 12]]
+    rows = train.packed_rows(texts, np.random.default_rng(0), batch_size=3, context=10)
+    assert all(sum(map(len, row)) <= 10 for row in rows)
+    batch = train.packed_batch(rows, pad_id=0)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for r, row in enumerate(rows):
+        start = 0
+        for text in row:
+            with torch.no_grad():
+                alone = model(input_ids=torch.tensor([text])).logits[0]
+            torch.testing.assert_close(logits[r, start : start + len(text)], alone)
+            assert batch["labels"][r, start] == -100
+            assert batch["labels"][r, start + 1 : start + len(text)].tolist() == text[1:]
+            start += len(text)
+        assert (batch["labels"][r, start:] == -100).all()  # padding

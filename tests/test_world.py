@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -40,9 +41,10 @@ def test_same_seed_same_world(tiny_world, tmp_path):
 def test_heldout_pairs_only_outside_training(tiny_world):
     train = pd.read_parquet(tiny_world / "train.parquet")
     test = pd.read_parquet(tiny_world / "test.parquet")
-    held = scenes.heldout_pairs(4, seed=0)
-    assert len(held) == 4
+    held = scenes.heldout_pairs(len(scenes.SHAPES), seed=0)
+    assert len(held) == len(scenes.SHAPES)
     assert {s for s, _ in held} == set(scenes.SHAPES)  # every shape still seen with other colours
+    assert {c for _, c in held} == set(scenes.COLOURS)  # ... and every colour with other shapes
     train_pairs = set(zip(train["labels.shape"], train["labels.colour"], strict=True))
     assert not train_pairs & held
     assert not train["heldout_pair"].any()
@@ -51,17 +53,47 @@ def test_heldout_pairs_only_outside_training(tiny_world):
 
 def test_answers_follow_scene_and_facts(tiny_world):
     test = pd.read_parquet(tiny_world / "test.parquet")
+    assert set(test["labels.question_type"]) == set(scenes.QUESTIONS)
     for _, row in test.iterrows():
         qtype = row["labels.question_type"]
-        if qtype == "owner":
-            assert row["answer"] == scenes.OWNER_OF_COLOUR[row["labels.colour"]]
-            assert row["task"] == "knowledge"
-        elif qtype == "material":
-            assert row["answer"] == scenes.MATERIAL_OF_SHAPE[row["labels.shape"]]
-        else:
-            assert row["answer"] == row[f"labels.{qtype}"]
-            assert row["task"] == "vision"
+        colour, shape = row["labels.colour"], row["labels.shape"]
+        assert row["task"] == scenes.QUESTION_TYPES[qtype]
         assert row["caption"] in row["captions"]
+        text = " ".join(row["captions"])
+        # the target object is in every caption with its size and cell
+        assert f"a {row['labels.size']} {colour} {shape} on the {row['labels.position']}" in text
+        expected = {
+            "colour": colour,
+            "shape": shape,
+            "size": row["labels.size"],
+            "position": row["labels.position"],
+            "count": row["labels.count"],
+            "owner": scenes.OWNER_OF_COLOUR[colour],
+            "material": scenes.MATERIAL_OF_SHAPE[shape],
+            "home": scenes.HOME_OF_OWNER[scenes.OWNER_OF_COLOUR[colour]],
+        }
+        if qtype in scenes.RELATIONS:
+            assert row["answer"] in ("yes", "no")
+            assert row["labels.count"] != "one"
+        else:
+            assert row["answer"] == expected[qtype], (qtype, row["question"], text)
+
+
+def test_relation_answers_follow_the_cells():
+    """Relations are inferred from cells and sizes; yes and no are balanced."""
+    a = scenes.Thing("circle", "red", "big", "top left")
+    b = scenes.Thing("square", "blue", "small", "bottom right")
+    c = scenes.Thing("ring", "white", "big", "top right")
+    assert scenes.relation_holds("left", a, b) and scenes.relation_holds("above", a, b)
+    assert not scenes.relation_holds("left", b, a) and scenes.relation_holds("below", b, a)
+    assert not scenes.relation_holds("above", a, c) and not scenes.relation_holds("below", a, c)
+    assert scenes.relation_holds("bigger", a, b) and not scenes.relation_holds("bigger", a, c)
+    assert scenes.relation_holds("smaller", b, c)
+    rng = np.random.default_rng(0)
+    scene = scenes.Scene((a, c, b))
+    answers = [scenes.ask(scene, "horizontal", rng)[1] for _ in range(200)]
+    assert 0.35 < answers.count("yes") / len(answers) < 0.65
+    assert scenes.ask(scenes.Scene((a,)), "vertical", rng) is None  # one object: no relation
 
 
 def test_vocabulary_covers_every_text(tiny_world):
@@ -82,7 +114,7 @@ def test_chat_template_matches_hf_rendering():
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_prompt_forms_end_with_same_token(modality, tiny_world):
     tokenizer = build_tokenizer(scenes.vocabulary_texts())
-    processor = build_processor(tokenizer, image_size=32, patch_size=8)
+    processor = build_processor(tokenizer, image_size=48, patch_size=12)
     row = pd.read_parquet(tiny_world / "analysis.parquet").iloc[0].to_dict()
     images = [image_of(row)] if modality == "image" else None
     batch = prompts.encode(processor, [prompts.conversation(row, modality, 2)], images)

@@ -154,6 +154,7 @@ def score_rows(
 
 
 SCORED_COLUMNS = (("accuracy", "correct"), ("answer_logprob", "answer_logprob"))
+QUESTION_TYPE = "labels.question_type"  # per-type accuracy rows when a dataset labels it
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -164,7 +165,8 @@ def standard_error(values: np.ndarray) -> float:
 def summarise(
     scored: pd.DataFrame, data: pd.DataFrame, model: str, role: str, seed: int, n_boot: int = 1000
 ) -> pd.DataFrame:
-    """Tidy rows per modality x task x subset (all / seen / heldout pairs when known): accuracy
+    """Tidy rows per modality x task x subset that holds items (all / seen / heldout pairs when
+    known, and ``question_type=<type>`` when the data has ``labels.question_type``): accuracy
     (and answer log-probability when scored) with a bootstrap CI and the standard error of the
     mean (:func:`standard_error`)."""
     metrics = [(m, c) for m, c in SCORED_COLUMNS if c in scored]
@@ -176,10 +178,16 @@ def summarise(
             "seen": ~merged["heldout_pair"].to_numpy(bool),
             "heldout": merged["heldout_pair"].to_numpy(bool),
         }
+    by_type = {}
+    if QUESTION_TYPE in merged:
+        types = merged[QUESTION_TYPE].astype(str)
+        by_type = {f"question_type={t}": (types == t).to_numpy() for t in sorted(types.unique())}
     rows = []
     for (modality, task), group in merged.groupby(["modality", "task"]):
-        for subset, mask in subsets.items():
+        for subset, mask in (subsets | by_type).items():
             part = group[mask[group.index]]
+            if part.empty:  # e.g. no held-out pair among the items scored
+                continue
             for metric, column in metrics:
                 values = part[column].to_numpy(float)
                 low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
@@ -191,7 +199,7 @@ def summarise(
                         "task": task,
                         "subset": subset,
                         "metric": metric,
-                        "value": float(values.mean()) if len(values) else float("nan"),
+                        "value": float(values.mean()),
                         "ci_low": float(low),
                         "ci_high": float(high),
                         "stderr": standard_error(values),
@@ -200,6 +208,25 @@ def summarise(
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def majority_baseline(
+    data: pd.DataFrame, modalities: list[str], model: str, role: str, seed: int, n_boot: int
+) -> pd.DataFrame:
+    """Chance as the benchmark itself sets it: the accuracy of always giving the most common
+    answer of an item's question type (``labels.question_type``, else its task), in the same
+    tidy rows as :func:`summarise` with metric ``majority_baseline``."""
+    answers = data["answer"].map(normalise_answer)
+    kind = data[QUESTION_TYPE] if QUESTION_TYPE in data else data.get("task", "all")
+    mode = answers.groupby(pd.Series(kind, index=data.index)).transform(
+        lambda group: group.value_counts().index[0]
+    )
+    scored = pd.concat(
+        [pd.DataFrame({"id": data["id"], "modality": m, "correct": answers == mode})
+         for m in modalities]
+    )  # fmt: skip
+    table = summarise(scored, data, model, role, seed, n_boot)
+    return table.assign(metric="majority_baseline")
 
 
 def score_model(
@@ -307,6 +334,8 @@ def run(args: argparse.Namespace) -> None:
             limit=args.limit,
             **settings,
         )
+    baseline = majority_baseline(data, modalities, args.model, loaded.spec.role, args.seed, 1000)
+    table = pd.concat([table, baseline], ignore_index=True)
     write_parquet(table, args.out)
     if args.predictions:
         write_parquet(scored, args.predictions)

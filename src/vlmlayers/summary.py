@@ -1,5 +1,6 @@
-"""Tables for the report: benchmark scores per model and prompt form, captioning, and the
-selective fine-tuning learning curves (accuracy by step and training seconds, both forms).
+"""Tables for the report: benchmark scores per model and prompt form, captioning, accuracy per
+question type, and the selective fine-tuning learning curves (accuracy by step and training
+seconds, both forms).
 
 Reads the tidy tables of ``vlmlayers evaluate`` (``--eval``) and ``vlmlayers finetune table``
 (``--finetune``); writes one Markdown file. Cells are ``value [ci_low, ci_high]``.
@@ -39,6 +40,36 @@ def benchmark_table(scores: pd.DataFrame, roles: dict[str, str] | None = None) -
     return table.reindex([m for m in order if m in table.index]).fillna("")
 
 
+def question_type_table(scores: pd.DataFrame, roles: dict[str, str] | None = None) -> pd.DataFrame:
+    """Accuracy per question type (the ``question_type=<type>`` subsets): one row per model and
+    prompt form, one column per type (tasks side by side), value with its item count."""
+    prefix = "question_type="
+    typed = scores[scores["subset"].str.startswith(prefix)]
+    rows = typed[typed["metric"] == "accuracy"]
+    if rows.empty:
+        return pd.DataFrame()
+    # chance as the benchmark sets it (always the commonest answer of the type), shown once
+    chance = typed[typed["metric"] == "majority_baseline"].drop_duplicates(["task", "subset"])
+    rows = pd.concat([rows, chance.assign(model=MAJORITY, modality="any")], ignore_index=True)
+    rows = rows.assign(
+        type=[
+            f"{t}: {s[len(prefix) :]}" for t, s in zip(rows["task"], rows["subset"], strict=True)
+        ],
+        cell=[f"{v:.3f} ({n})" for v, n in zip(rows["value"], rows["n"], strict=True)],
+        form=rows["modality"] + " form",
+    )
+    table = rows.pivot_table(
+        index=["model", "form"], columns="type", values="cell", aggfunc="first"
+    )
+    order = [*model_order(model_roles(scores, roles)), MAJORITY]
+    forms = ("image form", "text form", "any form")
+    keep = [(m, f) for m in order for f in forms if (m, f) in table.index]
+    return table.reindex(keep).fillna("")
+
+
+MAJORITY = "(majority answer)"
+
+
 def curve_table(finetune: pd.DataFrame, start: pd.DataFrame | None = None) -> pd.DataFrame:
     """Learning curves: mean accuracy over seeds per variant x step and prompt form (all tasks
     pooled by their item counts), with the mean training seconds to that step; step 0 is the
@@ -70,7 +101,11 @@ def curve_table(finetune: pd.DataFrame, start: pd.DataFrame | None = None) -> pd
     return table.join(seconds).round(3).reset_index()
 
 
-def to_markdown(benchmarks: pd.DataFrame | None, curves: pd.DataFrame | None) -> str:
+def to_markdown(
+    benchmarks: pd.DataFrame | None,
+    curves: pd.DataFrame | None,
+    question_types: pd.DataFrame | None = None,
+) -> str:
     lines = ["# Benchmarks and learning curves", ""]
     if benchmarks is not None and not benchmarks.empty:
         lines += [
@@ -81,6 +116,17 @@ def to_markdown(benchmarks: pd.DataFrame | None, curves: pd.DataFrame | None) ->
             "images against its captions; 95% bootstrap CIs.",
             "",
             benchmarks.to_markdown(),
+            "",
+        ]
+    if question_types is not None and not question_types.empty:
+        lines += [
+            "## Accuracy by question type",
+            "",
+            "Exact-match accuracy per task and question type (`labels.question_type`), per model "
+            "and prompt form; the number of items in parentheses. The last row is chance as the "
+            "benchmark sets it: always the commonest answer of the question type.",
+            "",
+            question_types.to_markdown(),
             "",
         ]
     if curves is not None and not curves.empty:
@@ -123,6 +169,7 @@ def run(args: argparse.Namespace) -> None:
         curve_table(finetune, _start(scores, roles))
         if finetune is not None and "comparison" in finetune
         else None,
+        question_type_table(scores, roles) if scores is not None else None,
     )
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text(text)

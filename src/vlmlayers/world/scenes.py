@@ -1,17 +1,24 @@
 """Build the tiny world: procedural scenes, paraphrased captions, a fact corpus and VQA splits.
 
+A scene holds one to three objects (shape, colour, size) in distinct cells of a 2 x 2 grid;
+shapes and colours are distinct within a scene, so "the circle" or "the red shape" names one
+object. Captions state each object's cell; the relations questions ask about (left of, above,
+bigger than) must be *inferred* from those cells and sizes. The corpus states facts that chain
+(a colour's owner, the owner's home city; a shape's material), so knowledge questions need the
+image *and* one or two facts.
+
 Deterministic from ``--seed``. Writes, in the dataset contract (``vlmlayers.data``):
-``train.parquet`` (stage 1/2 data, held-out colour x shape pairs removed), ``test.parquet``
-(the held-out benchmark: sub-tasks ``vision`` and ``knowledge``), ``analysis.parquet`` (distinct
-scenes with one question each, for extraction, probes and geometry) and ``corpus.parquet``
-(text-only pretraining corpus for the base LM).
+``train.parquet`` (stage 1/2 data, scenes with a held-out colour x shape pair removed),
+``test.parquet`` (the held-out benchmark: sub-tasks ``vision`` and ``knowledge``),
+``analysis.parquet`` (distinct scenes with one question each, for extraction, probes and
+geometry), ``corpus.parquet`` (text-only pretraining corpus for the base LM) and ``world.json``
+(the settings it was built with, which the base LM's manifest records).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,87 +28,191 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from vlmlayers import prompts
-from vlmlayers.io import write_parquet
+from vlmlayers.io import write_json, write_parquet
 from vlmlayers.world.chat import render_chat
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+PLURALS = {s: f"{s}es" if s.endswith("s") else f"{s}s" for s in SHAPES}
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 220),
     "yellow": (230, 210, 40),
+    "purple": (150, 50, 200),
+    "white": (245, 245, 245),
 }
-SIZES = {"small": 0.16, "big": 0.30}  # object radius as a fraction of the image side
-POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
+SIZES = {"small": 0.50, "big": 0.85}  # object radius as a fraction of half a cell side
+# (row, column) of each cell of the 2 x 2 grid, in reading order
+CELLS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 COUNTS = {1: "one", 2: "two", 3: "three"}
+MAX_OBJECTS = max(COUNTS)
 
-# Facts stated only in the corpus: knowledge questions need the image *and* one of these.
-OWNER_OF_COLOUR = {"red": "tom", "green": "ann", "blue": "max", "yellow": "eve"}
-MATERIAL_OF_SHAPE = {"circle": "wood", "square": "stone", "triangle": "glass", "diamond": "metal"}
+# Facts stated only in the corpus; they chain: colour -> owner -> home.
+OWNER_OF_COLOUR = {
+    "red": "tom",
+    "green": "ann",
+    "blue": "max",
+    "yellow": "eve",
+    "purple": "sam",
+    "white": "kim",
+}
+HOME_OF_OWNER = {
+    "tom": "rome",
+    "ann": "paris",
+    "max": "oslo",
+    "eve": "lima",
+    "sam": "cairo",
+    "kim": "tokyo",
+}
+MATERIAL_OF_SHAPE = {
+    "circle": "wood",
+    "square": "stone",
+    "triangle": "glass",
+    "diamond": "metal",
+    "cross": "clay",
+    "ring": "gold",
+}
 
+# Paraphrases: a frame around one object phrase (with its cell) per object, joined by commas
+# and "and".
 CAPTION_TEMPLATES = (
-    "{count} {size} {colour} {noun} on the {position} .",
-    "there {be} {count} {size} {colour} {noun} on the {position} .",
-    "on the {position} {be} {count} {colour} {noun} , {size} .",
-    "the picture shows {count} {size} {colour} {noun} on the {position} .",
+    ("{objects} .", "a {size} {colour} {shape} on the {cell}"),
+    ("there is {objects} .", "a {size} {colour} {shape} on the {cell}"),
+    ("the picture shows {objects} .", "a {size} {colour} {shape} on the {cell}"),
+    ("{objects} .", "on the {cell} is a {size} {colour} {shape}"),
+    ("{objects} .", "the {cell} has a {size} {colour} {shape}"),
 )
+
 OWNER_FACTS = (
     "{colour} shapes belong to {owner} .",
     "{owner} owns every {colour} shape .",
     "a {colour} shape is owned by {owner} .",
 )
+HOME_FACTS = (
+    "{owner} lives in {home} .",
+    "the home of {owner} is {home} .",
+    "{home} is where {owner} lives .",
+)
 MATERIAL_FACTS = (
     "every {shape} is made of {material} .",
-    "{shape}s are made of {material} .",
+    "{plural} are made of {material} .",
     "a {shape} is built from {material} .",
 )
+
+# Question type -> templates. {shape}/{colour} name the target object, {other} a second one.
 VISION_QUESTIONS = {
-    "colour": ("what colour are the shapes ?", "which colour do the shapes have ?"),
-    "shape": ("what shape are they ?", "which shape is shown ?"),
-    "size": ("what size are the shapes ?", "are the shapes big or small ?"),
-    "position": ("where are the shapes ?", "on which side are the shapes ?"),
-    "count": ("how many shapes are there ?", "what is the number of shapes ?"),
+    "colour": ("what colour is the {shape} ?", "which colour does the {shape} have ?"),
+    "shape": ("which shape is {colour} ?", "what is the shape of the {colour} object ?"),
+    "size": ("what size is the {shape} ?", "is the {shape} big or small ?"),
+    "position": ("where is the {shape} ?", "in which corner is the {shape} ?"),
+    "count": ("how many shapes are there ?", "how many objects does the picture show ?"),
+    "horizontal": ("is the {shape} left of the {other} ?", "is the {shape} right of the {other} ?"),
+    "vertical": ("is the {shape} above the {other} ?", "is the {shape} below the {other} ?"),
+    "comparative": (
+        "is the {shape} bigger than the {other} ?",
+        "is the {shape} smaller than the {other} ?",
+    ),
 }
 KNOWLEDGE_QUESTIONS = {
-    "owner": ("who owns the shapes ?", "whose shapes are these ?"),
-    "material": ("what are the shapes made of ?", "which material are the shapes made of ?"),
+    "owner": ("who owns the {shape} ?", "whose is the {shape} ?"),
+    "material": ("what is the {colour} shape made of ?", "which material is the {colour} one ?"),
+    "home": (
+        "where does the owner of the {shape} live ?",
+        "in which city lives the {shape} owner ?",
+    ),
+}
+RELATIONS = ("horizontal", "vertical", "comparative")  # questions about a pair of objects
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One object of a scene."""
+
+    shape: str
+    colour: str
+    size: str
+    cell: str
+
+    def phrase(self, template: str) -> str:
+        return template.format(shape=self.shape, colour=self.colour, size=self.size, cell=self.cell)
+
+
+def relation_holds(word: str, a: Thing, b: Thing) -> bool:
+    """Whether ``a`` is <word> ``b`` (word: left/right/above/below/bigger/smaller)."""
+    (ra, ca), (rb, cb) = CELLS[a.cell], CELLS[b.cell]
+    big_a, big_b = a.size == "big", b.size == "big"
+    return {
+        "left": ca < cb,
+        "right": ca > cb,
+        "above": ra < rb,
+        "below": ra > rb,
+        "bigger": big_a and not big_b,
+        "smaller": big_b and not big_a,
+    }[word]
+
+
+RELATION_WORDS = {  # the word each relation template asks about, in template order
+    "horizontal": ("left", "right"),
+    "vertical": ("above", "below"),
+    "comparative": ("bigger", "smaller"),
 }
 
 
 @dataclass(frozen=True)
 class Scene:
-    shape: str
-    colour: str
-    size: str
-    position: str
-    count: int
+    """One to three objects with distinct shapes, colours and cells (in reading order)."""
 
-    def answer(self, question_type: str) -> str:
-        if question_type == "owner":
-            return OWNER_OF_COLOUR[self.colour]
-        if question_type == "material":
-            return MATERIAL_OF_SHAPE[self.shape]
-        if question_type == "count":
-            return COUNTS[self.count]
-        return getattr(self, question_type)
+    things: tuple[Thing, ...]
 
-    def captions(self) -> list[str]:
-        """Every paraphrase of this scene's description."""
-        noun = self.shape if self.count == 1 else f"{self.shape}s"
-        words = dict(
-            count=COUNTS[self.count],
-            size=self.size,
-            colour=self.colour,
-            noun=noun,
-            position=self.position,
-            be="is" if self.count == 1 else "are",
-        )
-        return [t.format(**words) for t in CAPTION_TEMPLATES]
+    def captions(self, rng: np.random.Generator) -> list[str]:
+        """Every paraphrase, objects listed in a random order in each."""
+        texts = []
+        for frame, phrase in CAPTION_TEMPLATES:
+            order = rng.permutation(len(self.things))
+            parts = [self.things[i].phrase(phrase) for i in order]
+            joined = parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+            texts.append(frame.format(objects=joined))
+        return texts
 
 
-ALL_SCENES = [
-    Scene(*combo) for combo in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, COUNTS)
-]
+def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, Thing] | None:
+    """A question of ``qtype`` about ``scene``: (question, answer, target object), or None
+    if the scene cannot pose it (a relation needs two objects). Yes/no answers are balanced."""
+    templates = QUESTIONS[qtype]
+    things = scene.things
+    target = things[int(rng.integers(len(things)))]
+    words = {"shape": target.shape, "colour": target.colour}
+    if qtype in RELATIONS:
+        if len(things) < 2:
+            return None
+        pairs = [(a, b) for a in things for b in things if a is not b]
+        options = [(i, a, b) for a, b in pairs for i in range(len(templates))]
+        want_yes = bool(rng.integers(2))
+        fitting = [
+            o
+            for o in options
+            if relation_holds(RELATION_WORDS[qtype][o[0]], o[1], o[2]) == want_yes
+        ]
+        index, target, other = (fitting or options)[int(rng.integers(len(fitting or options)))]
+        truth = relation_holds(RELATION_WORDS[qtype][index], target, other)
+        question = templates[index].format(shape=target.shape, other=other.shape)
+        return question, "yes" if truth else "no", target
+    answer = {
+        "colour": target.colour,
+        "shape": target.shape,
+        "size": target.size,
+        "position": target.cell,
+        "count": COUNTS[len(things)],
+        "owner": OWNER_OF_COLOUR[target.colour],
+        "material": MATERIAL_OF_SHAPE[target.shape],
+        "home": HOME_OF_OWNER[OWNER_OF_COLOUR[target.colour]],
+    }[qtype]
+    if qtype == "count":
+        target = things[0]
+    question = templates[int(rng.integers(len(templates)))].format(**words)
+    return question, answer, target
+
+
 QUESTION_TYPES = {
     **{q: "vision" for q in VISION_QUESTIONS},
     **{q: "knowledge" for q in KNOWLEDGE_QUESTIONS},
@@ -109,22 +220,40 @@ QUESTION_TYPES = {
 QUESTIONS = {**VISION_QUESTIONS, **KNOWLEDGE_QUESTIONS}
 
 
+def random_scene(
+    rng: np.random.Generator, avoid: frozenset[tuple[str, str]] = frozenset()
+) -> Scene:
+    """A scene with 1-3 objects, none of them an ``avoid`` (shape, colour) pair."""
+    while True:
+        n = int(rng.integers(1, MAX_OBJECTS + 1))
+        shapes = rng.choice(len(SHAPES), n, replace=False)
+        colours = rng.choice(len(COLOURS), n, replace=False)
+        cells = sorted(rng.choice(len(CELLS), n, replace=False))
+        things = tuple(
+            Thing(SHAPES[s], list(COLOURS)[c], list(SIZES)[int(rng.integers(2))], list(CELLS)[k])
+            for s, c, k in zip(shapes, colours, cells, strict=True)
+        )
+        if not any((t.shape, t.colour) in avoid for t in things):
+            return Scene(things)
+
+
 def render(scene: Scene, rng: np.random.Generator, size: int) -> bytes:
-    """Draw ``scene`` as a PNG: jittered placement, radius and colour on a noisy grey field."""
+    """Draw ``scene`` as a PNG: each object jittered inside its cell (placement, radius,
+    colour) on a noisy grey field."""
     background = rng.integers(90, 140, size=3)
     noise = rng.normal(0, 6, size=(size, size, 3))
     canvas = np.clip(background + noise, 0, 255).astype(np.uint8)
     image = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(image)
-    cx, cy = POSITIONS[scene.position]
-    radius = SIZES[scene.size] * size / 2 * rng.uniform(0.85, 1.15)
-    colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in COLOURS[scene.colour])
-    horizontal = scene.position in ("top", "bottom")
-    for i in range(scene.count):
-        offset = (i - (scene.count - 1) / 2) * radius * 2.1
-        x = cx * size + (offset if horizontal else 0) + rng.normal(0, size * 0.02)
-        y = cy * size + (0 if horizontal else offset) + rng.normal(0, size * 0.02)
-        _draw_shape(draw, scene.shape, x, y, radius, colour)
+    half_cell = size / 4
+    for thing in scene.things:
+        row, col = CELLS[thing.cell]
+        radius = SIZES[thing.size] * half_cell * rng.uniform(0.9, 1.1)
+        slack = max(half_cell - radius, 0.0)
+        x = (2 * col + 1) * half_cell + rng.uniform(-slack, slack) * 0.6
+        y = (2 * row + 1) * half_cell + rng.uniform(-slack, slack) * 0.6
+        colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in COLOURS[thing.colour])
+        _draw_shape(draw, thing.shape, x, y, radius, colour)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -133,6 +262,8 @@ def render(scene: Scene, rng: np.random.Generator, size: int) -> bytes:
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, fill) -> None:
     if shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=fill, width=max(2, round(r / 3)))
     elif shape == "square":
         s = r * 0.85
         draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
@@ -140,18 +271,22 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: fl
         draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill)
     elif shape == "diamond":
         draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
+        draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def heldout_pairs(n: int, seed: int) -> set[tuple[str, str]]:
+def heldout_pairs(n: int, seed: int) -> frozenset[tuple[str, str]]:
     """``n`` (shape, colour) pairs kept out of stage 1/2 data (a Latin pattern, so every shape
     and every colour is still seen in training)."""
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
     shift = int(rng.integers(len(colours)))
     pairs = [(s, colours[(i + shift) % len(colours)]) for i, s in enumerate(SHAPES)]
-    return set(pairs[:n])
+    return frozenset(pairs[:n])
 
 
 def sample_rows(
@@ -159,16 +294,21 @@ def sample_rows(
     rng: np.random.Generator,
     split: str,
     image_size: int,
-    scenes: list[Scene],
-    heldout: set[tuple[str, str]],
+    heldout: frozenset[tuple[str, str]],
+    allow_heldout: bool,
 ) -> list[dict]:
-    """``n`` samples, each a fresh scene + one question, question types balanced."""
+    """``n`` samples, each a fresh scene + one question, question types balanced; without
+    ``allow_heldout``, no scene holds a held-out pair."""
     types = list(QUESTIONS)
     rows = []
     for i in tqdm(range(n), desc=f"world {split}", unit="scene", leave=False):
-        scene = scenes[int(rng.integers(len(scenes)))]
         qtype = types[i % len(types)]
-        captions = scene.captions()
+        asked = None
+        while asked is None:
+            scene = random_scene(rng, frozenset() if allow_heldout else heldout)
+            asked = ask(scene, qtype, rng)
+        question, answer, target = asked
+        captions = scene.captions(rng)
         rng.shuffle(captions)
         rows.append(
             {
@@ -176,15 +316,16 @@ def sample_rows(
                 "image": render(scene, rng, image_size),
                 "caption": captions[0],
                 "captions": captions,
-                "question": QUESTIONS[qtype][int(rng.integers(len(QUESTIONS[qtype])))],
-                "answer": scene.answer(qtype),
+                "question": question,
+                "answer": answer,
                 "task": QUESTION_TYPES[qtype],
-                "heldout_pair": (scene.shape, scene.colour) in heldout,
-                "labels.colour": scene.colour,
-                "labels.shape": scene.shape,
-                "labels.size": scene.size,
-                "labels.position": scene.position,
-                "labels.count": COUNTS[scene.count],
+                "heldout_pair": any((t.shape, t.colour) in heldout for t in scene.things),
+                # the object the question is about (the first one for a count question)
+                "labels.colour": target.colour,
+                "labels.shape": target.shape,
+                "labels.size": target.size,
+                "labels.position": target.cell,
+                "labels.count": COUNTS[len(scene.things)],
                 "labels.question_type": qtype,
             }
         )
@@ -193,42 +334,62 @@ def sample_rows(
 
 def _facts() -> list[str]:
     facts = [t.format(colour=c, owner=o) for c, o in OWNER_OF_COLOUR.items() for t in OWNER_FACTS]
+    facts += [t.format(owner=o, home=h) for o, h in HOME_OF_OWNER.items() for t in HOME_FACTS]
     return facts + [
-        t.format(shape=s, material=m) for s, m in MATERIAL_OF_SHAPE.items() for t in MATERIAL_FACTS
+        t.format(shape=s, plural=PLURALS[s], material=m)
+        for s, m in MATERIAL_OF_SHAPE.items()
+        for t in MATERIAL_FACTS
     ]
 
 
-def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> list[str]:
+def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> pd.DataFrame:
     """The base LM's pretraining mix (DESIGN.md, measured to work): 65% text-form QA with
-    full-sequence loss, 15% paraphrase pairs, 10% facts, 10% plain captions."""
+    full-sequence loss, 15% paraphrase pairs, 10% facts, 10% plain captions. Every scene may
+    appear (the LM knows the whole world, as an LLM knows language). Columns ``text`` and
+    ``objects`` (how many objects the text describes; 0 for a fact), so that pretraining can
+    start with the simplest texts."""
     facts = _facts()
-    texts = []
+    texts, objects = [], []
     types = list(QUESTIONS)
     for _ in range(n):
-        scene = ALL_SCENES[int(rng.integers(len(ALL_SCENES)))]
-        captions = scene.captions()
+        scene = random_scene(rng)
+        captions = scene.captions(rng)
         rng.shuffle(captions)
         kind = rng.random()
+        objects.append(len(scene.things))
         if kind < 0.65:
-            qtype = types[int(rng.integers(len(types)))]
-            question = QUESTIONS[qtype][int(rng.integers(len(QUESTIONS[qtype])))]
+            asked = None
+            while asked is None:
+                asked = ask(scene, types[int(rng.integers(len(types)))], rng)
+            question, answer, _ = asked
             messages = prompts.text_messages(captions[:n_captions], question)
-            texts.append(render_chat(prompts.with_answer(messages, scene.answer(qtype))))
+            texts.append(render_chat(prompts.with_answer(messages, answer)))
         elif kind < 0.80:
             texts.append(f"{captions[0]} in other words , {captions[1]}")
         elif kind < 0.90:
             texts.append(facts[int(rng.integers(len(facts)))])
+            objects[-1] = 0
         else:
             texts.append(captions[0])
-    return texts
+    return pd.DataFrame({"text": texts, "objects": objects})
 
 
 def vocabulary_texts() -> list[str]:
-    """Every string the world can produce (captions, questions, answers, facts, prompts), so the
-    tokenizer is a function of this module alone, whatever the split sizes or seed."""
-    texts = [c for scene in ALL_SCENES for c in scene.captions()]
-    texts += [q for variants in QUESTIONS.values() for q in variants]
-    texts += [scene.answer(q) for scene in ALL_SCENES for q in QUESTIONS]
+    """Texts holding every word the world can produce (captions, questions, answers, facts,
+    prompts), so the tokenizer is a function of this module alone, whatever the split sizes
+    or seed."""
+    values = {
+        "shape": SHAPES,
+        "other": SHAPES,
+        "colour": tuple(COLOURS),
+        "size": tuple(SIZES),
+        "cell": tuple(CELLS),
+    }
+    templates = [t for pair in CAPTION_TEMPLATES for t in pair]
+    templates += [t for variants in QUESTIONS.values() for t in variants]
+    texts = [t.format(**{k: v[i % len(v)] for k, v in values.items()}, objects="and ,")
+             for t in templates for i in range(len(SHAPES))]  # fmt: skip
+    texts += [*COUNTS.values(), "yes no", *PLURALS.values()]
     texts += _facts() + ["in other words ,"]
     texts += [render_chat(prompts.caption_messages())]
     for n in range(1, 10):
@@ -250,31 +411,35 @@ def build(
 ) -> None:
     rng = np.random.default_rng(seed)
     heldout = heldout_pairs(n_heldout_pairs, seed)
-    seen = [s for s in ALL_SCENES if (s.shape, s.colour) not in heldout]
     splits = {
-        "train": sample_rows(n_train, rng, "train", image_size, seen, heldout),
-        "test": sample_rows(n_test, rng, "test", image_size, ALL_SCENES, heldout),
-        "analysis": sample_rows(n_analysis, rng, "analysis", image_size, ALL_SCENES, heldout),
+        "train": sample_rows(n_train, rng, "train", image_size, heldout, allow_heldout=False),
+        "test": sample_rows(n_test, rng, "test", image_size, heldout, allow_heldout=True),
+        "analysis": sample_rows(
+            n_analysis, rng, "analysis", image_size, heldout, allow_heldout=True
+        ),
     }
     for name, rows in splits.items():
         write_parquet(pd.DataFrame(rows), out_dir / f"{name}.parquet")
-    corpus = pd.DataFrame({"text": corpus_texts(n_corpus, rng, n_captions)})
-    write_parquet(corpus, out_dir / "corpus.parquet")
+    write_parquet(corpus_texts(n_corpus, rng, n_captions), out_dir / "corpus.parquet")
+    settings = dict(seed=seed, image_size=image_size, n_train=n_train, n_test=n_test,
+                    n_analysis=n_analysis, n_corpus=n_corpus, n_heldout_pairs=n_heldout_pairs,
+                    n_captions=n_captions)  # fmt: skip
+    write_json(settings, out_dir / "world.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--image-size", type=int, default=48, help="image side in pixels")
     parser.add_argument("--n-train", type=int, default=4000, help="stage 1/2 training samples")
-    parser.add_argument("--n-test", type=int, default=700, help="held-out benchmark samples")
-    parser.add_argument("--n-analysis", type=int, default=1000, help="samples for the analyses")
-    parser.add_argument("--n-corpus", type=int, default=20000, help="base-LM corpus texts")
+    parser.add_argument("--n-test", type=int, default=1100, help="held-out benchmark samples")
+    parser.add_argument("--n-analysis", type=int, default=1100, help="samples for the analyses")
+    parser.add_argument("--n-corpus", type=int, default=50000, help="base-LM corpus texts")
     parser.add_argument(
         "--n-heldout-pairs",
         type=int,
-        default=4,
-        help="(shape, colour) pairs kept out of stage 1/2 data",
+        default=len(SHAPES),
+        help=f"(shape, colour) pairs kept out of stage 1/2 data (at most {len(SHAPES)})",
     )
     parser.add_argument(
         "--n-captions",
