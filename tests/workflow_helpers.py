@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -190,6 +191,16 @@ def _is_array_column(series: pd.Series) -> bool:
     return isinstance(first, (np.ndarray, list, tuple))
 
 
+def _tables(root: Path, pattern: str) -> set[str]:
+    """Relative paths of the files matching `pattern` under `root`, through symlinked folders
+    too (outputs taken from the between-workflow cache are links into it)."""
+    return {
+        Path(p).relative_to(root).as_posix()
+        for p in glob.glob(str(root / pattern), recursive=True)
+        if Path(p).is_file()
+    }
+
+
 def tables_equal(
     dir_a: str | os.PathLike,
     dir_b: str | os.PathLike,
@@ -214,8 +225,7 @@ def tables_equal(
     """
     dir_a, dir_b = Path(dir_a), Path(dir_b)
     skip = set(exclude)
-    files_a = {p.relative_to(dir_a).as_posix() for p in dir_a.glob(pattern) if p.is_file()} - skip
-    files_b = {p.relative_to(dir_b).as_posix() for p in dir_b.glob(pattern) if p.is_file()} - skip
+    files_a, files_b = (_tables(d, pattern) - skip for d in (dir_a, dir_b))
     if not files_a and not files_b:
         raise AssertionError(f"no tables match {pattern!r} under {dir_a} or {dir_b}")
     if files_a != files_b:
