@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlmlayers.models import ModelSpec, load
-from vlmlayers.world import train
+from vlmlayers.world import scenes, train
 
 
 def test_checkpoints_load_through_auto_classes(tiny_models):
@@ -61,6 +61,7 @@ def _base_args(world, out, steps):
         heads=2,
         context=64,
         curriculum=2,
+        eval_every=2,
     )
 
 
@@ -78,6 +79,14 @@ def test_resume_after_crash_continues_the_same_run(
     straight = pd.read_csv(tmp_path / "straight" / "losses.csv")
     resumed = pd.read_csv(tmp_path / "resumed" / "losses.csv")
     pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
+    # the held-out learning curve: scored at steps 2 and 4 (6 is the final score), once each
+    curves = [
+        pd.read_json(tmp_path / run / train.LEARNING_CURVE, lines=True)
+        for run in ("straight", "resumed")
+    ]
+    assert curves[0]["step"].tolist() == [2, 4]
+    pd.testing.assert_frame_equal(*curves)
+    assert set(curves[0]["text_accuracy_by_question_type"][0]) <= set(scenes.QUESTIONS)
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -319,6 +319,7 @@ def training_args(section):
         "n_images",
         "context",
         "curriculum",
+        "eval_every",
     )
     return " ".join(
         f"--{k.replace('_', '-')} {section[k]}"

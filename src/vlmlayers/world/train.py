@@ -39,7 +39,7 @@ from transformers import (
 
 from vlmlayers import prompts
 from vlmlayers.io import atomic_path, hash_files, hash_tree, write_json
-from vlmlayers.runtime import setup_torch
+from vlmlayers.runtime import seed_everything, setup_torch
 from vlmlayers.world import scenes
 from vlmlayers.world.tokenizer import build_processor, build_tokenizer
 
@@ -167,8 +167,10 @@ def finish(
         }
         write_json(manifest, tmp / "training.json")
         for name in keep:
-            if (partial / name).exists():
+            if (partial / name).is_dir():
                 shutil.copytree(partial / name, tmp / name, copy_function=_link_or_copy)
+            elif (partial / name).exists():
+                _link_or_copy(str(partial / name), str(tmp / name))
     shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -200,6 +202,7 @@ def train_base(args: argparse.Namespace) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    seed_everything(args.seed)  # the initial weights depend on the seed alone
     model = LlamaForCausalLM(config)
     scale_residual_init(model, args.layers)
     encoded = tokenizer(corpus["text"].tolist(), add_special_tokens=True)["input_ids"]
@@ -210,16 +213,35 @@ def train_base(args: argparse.Namespace) -> None:
         rows = packed_rows(texts, batch_rng(args.seed, step), args.batch_size, args.context)
         return packed_batch(rows, tokenizer.pad_token_id)
 
-    log = fit(model, make_batch, args.out, desc="base LM", **schedule(args))
+    heldout_file = args.world / "test.parquet"
+    heldout = pd.read_parquet(heldout_file) if heldout_file.exists() else None
+    curve = partial_dir(args.out) / LEARNING_CURVE
+
+    def score_curve(step: int) -> None:
+        if heldout is None or not args.eval_every or step % args.eval_every or step == args.steps:
+            return
+        point = text_qa_accuracy(model, tokenizer, heldout.head(CURVE_QUESTIONS))
+        model.train()
+        print(json.dumps({"step": step, **point}), flush=True)
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        with curve.open("a") as f:
+            f.write(json.dumps({"step": step, **point}) + "\n")
+
+    log = fit(
+        model, make_batch, args.out, desc="base LM", on_checkpoint=score_curve, **schedule(args)
+    )
     meta = {
         **_meta(args, "base"),
         "world": json.loads((args.world / "world.json").read_text()),
         "corpus_sha256": hash_files([args.world / "corpus.parquet"]),
     }
-    heldout = args.world / "test.parquet"
-    if heldout.exists():
-        meta["metrics"] = text_qa_accuracy(model, tokenizer, pd.read_parquet(heldout))
-    finish(model, tokenizer, args.out, log, meta)
+    if heldout is not None:
+        meta["metrics"] = text_qa_accuracy(model, tokenizer, heldout)
+    finish(model, tokenizer, args.out, log, meta, keep=(LEARNING_CURVE,))
+
+
+LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA during base-LM pretraining
+CURVE_QUESTIONS = 220  # the first rows of test.parquet: 20 of each question type
 
 
 def scale_residual_init(model: LlamaForCausalLM, n_layers: int) -> None:
@@ -515,6 +537,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="base: steps at the start that draw only texts about one object (and facts)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help=f"base: score {CURVE_QUESTIONS} held-out questions every N steps (a multiple of "
+        f"--checkpoint-every) into {LEARNING_CURVE} (0: only the final score)",
     )
     parser.add_argument(
         "--context",
