@@ -137,3 +137,26 @@ def test_reply_labels_cover_only_the_answer():
     for row, answer in zip(range(2), ["red", "blue"], strict=True):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         assert tokenizer.convert_ids_to_tokens(labelled) == [answer, "</s>"]
+
+
+def test_statements_are_true_of_their_scene():
+    """Every corpus statement about a scene holds in it: attributes of the named object and
+    relations inferred from cells and sizes."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = scenes.random_scene(rng)
+        by_shape = {t.shape: t for t in scene.things}
+        by_colour = {t.colour: t for t in scene.things}
+        for sentence in scenes.statements(scene, rng, 20).split(" . "):
+            words = sentence.rstrip(" .").split()
+            if words[2] == "one":  # "the red one is a circle"
+                assert by_colour[words[1]].shape == words[-1]
+                continue
+            thing = by_shape[words[1]]
+            rest = " ".join(words[3:])
+            if rest.startswith("on the "):
+                assert thing.cell == rest.removeprefix("on the ")
+            elif rest in scenes.COLOURS or rest in scenes.SIZES:
+                assert rest in (thing.colour, thing.size)
+            else:  # "the circle is left of the square", "... bigger than ..."
+                assert scenes.relation_holds(words[3], thing, by_shape[words[-1]]), sentence
