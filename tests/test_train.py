@@ -92,6 +92,16 @@ def test_resume_after_crash_continues_the_same_run(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_curve_between_checkpoints_is_refused(tiny_world, tmp_path):
+    args = _base_args(tiny_world, tmp_path / "base", 6)
+    args.eval_every = 3  # checkpoints every 2 steps: the curve would stay empty
+    with pytest.raises(
+        SystemExit, match="--eval-every 3 is not a multiple of --checkpoint-every 2"
+    ):
+        train.train_base(args)
+    assert not (tmp_path / "base").exists()
+
+
 def test_packed_texts_see_only_themselves():
     """Packing several texts into one row changes nothing a text sees: its logits equal those
     of the text alone, and its first token (predicted from the previous text) is no target."""

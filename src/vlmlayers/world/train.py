@@ -187,6 +187,11 @@ def train_base(args: argparse.Namespace) -> None:
     object (and facts): copying an attribute from context is found there first, and multi-object
     texts alone hide it (measured: a 12 x 128 LM stayed at chance on colour questions after 2,000
     steps without it, and found copying within 800 steps with it)."""
+    if args.eval_every % args.checkpoint_every:
+        raise SystemExit(
+            f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
+            f"{args.checkpoint_every}: the learning curve is scored at checkpoints"
+        )
     corpus = pd.read_parquet(args.world / "corpus.parquet")
     tokenizer = build_tokenizer(scenes.vocabulary_texts())
     config = LlamaConfig(
@@ -220,12 +225,14 @@ def train_base(args: argparse.Namespace) -> None:
     def score_curve(step: int) -> None:
         if heldout is None or not args.eval_every or step % args.eval_every or step == args.steps:
             return
-        point = text_qa_accuracy(model, tokenizer, heldout.head(CURVE_QUESTIONS))
+        point = json.dumps(
+            {"step": step, **text_qa_accuracy(model, tokenizer, heldout.head(CURVE_QUESTIONS))}
+        )
         model.train()
-        print(json.dumps({"step": step, **point}), flush=True)
+        print(point, flush=True)
         curve.parent.mkdir(parents=True, exist_ok=True)
         with curve.open("a") as f:
-            f.write(json.dumps({"step": step, **point}) + "\n")
+            f.write(point + "\n")
 
     log = fit(
         model, make_batch, args.out, desc="base LM", on_checkpoint=score_curve, **schedule(args)
