@@ -393,11 +393,11 @@ N_STATEMENTS = 5  # statements after a caption
 
 def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> pd.DataFrame:
     """The base LM's pretraining mix (``CORPUS_MIX``): text-form QA (full-sequence loss), a
-    caption followed by true statements about its objects (the dense form of what QA asks:
-    measured to make a 6-layer LM bind shapes and materials to the right object sooner than QA
-    alone), paraphrase pairs, facts, plain captions. Every scene may appear (the LM knows the
-    whole world, as an LLM knows language). Columns ``text`` and ``objects`` (how many objects
-    the text describes; 0 for a fact), so that pretraining can start with the simplest texts."""
+    caption followed by true statements about its objects (the dense form of what QA asks;
+    models/tinyworld/README.md has what they did and did not change), paraphrase pairs, facts,
+    plain captions. Every scene may appear (the LM knows the whole world, as an LLM knows
+    language). Columns ``text`` and ``objects`` (how many objects the text describes; 0 for a
+    fact), so that pretraining can start with the simplest texts."""
     facts = _facts()
     texts, objects = [], []
     types = list(QUESTIONS)
