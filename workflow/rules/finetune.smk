@@ -95,6 +95,7 @@ rule finetune_table:
         f"{RESULTS}/finetune.parquet",
     log:
         "logs/finetune/table.log",
+    localrule: True  # gathers the variants' small tables (as the figures do)
     conda:
         "../../envs/torch.yaml"
     threads: 1

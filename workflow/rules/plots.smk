@@ -1,4 +1,5 @@
-# Figures (report outputs with captions) and the claims table.
+# Figures (report outputs with captions) and the claims table. They read small tables, so they run
+# where Snakemake runs (`localrule`), not as cluster jobs that each wait in the queue.
 
 
 for kind in figure_kinds():
@@ -17,6 +18,7 @@ for kind in figure_kinds():
             svg=f"{RESULTS}/figures/{kind}.svg",
         log:
             f"logs/figures/{kind}.log",
+        localrule: True
         conda:
             "../../envs/plot.yaml"
         threads: 1
@@ -47,6 +49,7 @@ rule claims:
         criteria=f"{RESULTS}/claims.criteria.json",
     log:
         "logs/claims.log",
+    localrule: True
     conda:
         "../../envs/plot.yaml"
     threads: 1

@@ -11,6 +11,7 @@ rule summary:
         ),
     log:
         "logs/summary.log",
+    localrule: True
     conda:
         "../../envs/plot.yaml"
     threads: 1
