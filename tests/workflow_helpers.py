@@ -208,6 +208,7 @@ def tables_equal(
     *,
     ignore_columns: Iterable[str] = (),
     exclude: Iterable[str] = (),
+    second_is_subset: bool = False,
     rtol: float = 1e-5,
     atol: float = 1e-8,
     **assert_kwargs,
@@ -219,7 +220,8 @@ def tables_equal(
     it; floats within `rtol`/`atol`); vector cells (Arrow list columns, e.g. activations'
     `vec`) are stacked and compared with the same tolerances. `ignore_columns` drops columns
     such as wall-clock timings before comparing; `exclude` skips files (relative paths) that a
-    caller compares its own way. Raises AssertionError naming the first
+    caller compares its own way; `second_is_subset` compares only the tables of `dir_b` (a run
+    of some targets), each of which `dir_a` must hold too. Raises AssertionError naming the first
     differing file, or when no table matches at all (so an empty run cannot pass). Returns
     the compared relative paths.
     """
@@ -228,6 +230,8 @@ def tables_equal(
     files_a, files_b = (_tables(d, pattern) - skip for d in (dir_a, dir_b))
     if not files_a and not files_b:
         raise AssertionError(f"no tables match {pattern!r} under {dir_a} or {dir_b}")
+    if second_is_subset:
+        files_a &= files_b
     if files_a != files_b:
         raise AssertionError(
             f"different tables under {dir_a} and {dir_b}: "
