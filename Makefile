@@ -33,7 +33,7 @@ run: setup
 	@echo "Results: $(CURDIR)/results   Report: $(CURDIR)/results/report.html"
 
 test: setup
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=15
 
 bench: setup
 	@# the extraction benchmark times the tiny world's tuned VLM on its analysis set
