@@ -34,8 +34,8 @@ VOLATILE_COLUMNS = (
 # The SLURM run of config/test.yaml makes these outputs, so that every rule that goes through
 # SLURM runs (once per kind of job: one model's extraction, probes and geometry, both sweeps,
 # one fine-tuning variant) and one figure, a local rule like the other rules that gather small
-# tables. One SLURM job costs ~30 s of queue and start-up on the 2-core CI node, so the whole
-# DAG (43 jobs) would take most of CI's time; tests/test_workflow.py runs all of it locally.
+# tables. On the 2-core CI node these 15 jobs took 13 min; the whole DAG (43 jobs) was on course
+# for ~50 min, most of CI's time. tests/test_workflow.py runs all of it locally.
 SLURM_TARGETS = (
     "probe/tuned/tinyworld.parquet",
     "geometry/tuned/tinyworld.parquet",
@@ -43,10 +43,6 @@ SLURM_TARGETS = (
     "finetune/middle/seed0.parquet",
     "figures/intervention.png",
 )
-SLURM_RULES = {
-    "world", "pretrain_base", "pretrain_vision", "stage1", "stage2", "extract", "probe",
-    "geometry", "evaluate", "intervene", "finetune_train", "finetune_score",
-}  # fmt: skip
 # The toy workflow's runs must not share outputs through Snakemake's between-workflow cache.
 RUN_ENV = {"SNAKEMAKE_OUTPUT_CACHE": None}
 
@@ -108,6 +104,8 @@ def run_local_and_slurm(tmp_path: Path, setup, *args: str) -> tuple[Path, Path, 
 CACHED_RULES = (
     "world", "pretrain_base", "pretrain_vision", "stage1", "stage2", "finetune_train", "extract",
 )  # fmt: skip
+# The rules SLURM_TARGETS submit: the cacheable ones and the analyses that are not.
+SLURM_RULES = {*CACHED_RULES, "probe", "geometry", "evaluate", "intervene", "finetune_score"}
 
 
 def _slurm_run(workdir: Path, cache: Path, *targets: str) -> None:
