@@ -34,18 +34,23 @@ import argparse
 import json
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
-from vlmlayers import evaluate
 from vlmlayers.data import read_dataset
 from vlmlayers.depth import parse_band
 from vlmlayers.io import atomic_path, write_parquet
-from vlmlayers.models import LoadedModel, ModelSpec, load
-from vlmlayers.runtime import resolve_dtype, setup_torch
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vlmlayers.models import LoadedModel
+
+# train and score import torch, transformers and the evaluator (about 15 s) inside the action,
+# so that `finetune table`, which only gathers tables, starts in a second
 
 SNAPSHOTS = "snapshots"
 WARMUP_STEPS = 5  # steps left out of the per-step time (allocator and kernel warm-up)
@@ -82,6 +87,8 @@ def trainable_modules(
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -104,6 +111,10 @@ def training_cost(log: pd.DataFrame, batch_size: int) -> dict:
 
 
 def train(args: argparse.Namespace) -> None:
+    import torch
+
+    from vlmlayers.models import ModelSpec, load
+    from vlmlayers.runtime import setup_torch
     from vlmlayers.world.train import (
         finish,
         fit,
@@ -185,6 +196,10 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def score(args: argparse.Namespace) -> None:
+    from vlmlayers import evaluate
+    from vlmlayers.models import ModelSpec, load
+    from vlmlayers.runtime import resolve_dtype, setup_torch
+
     device = setup_torch(seed=args.seed)
     meta = json.loads((args.run / "training.json").read_text())
     seconds = pd.read_csv(args.run / "losses.csv").set_index("step")["seconds"]
