@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,17 @@ def test_checkpoints_load_through_auto_classes(tiny_models):
     losses = pd.read_csv(tiny_models["tuned"] / "losses.csv")
     assert list(losses["step"]) == [1, 2, 3, 4]
     assert not train.partial_dir(tiny_models["tuned"]).exists()
+    for name, path in tiny_models.items():  # the CLI trains where VLMLAYERS_DEVICE says (cpu)
+        assert json.loads((path / "training.json").read_text())["device"] == "cpu", name
+
+
+def test_batches_move_to_the_device_with_nested_labels():
+    """The vision tower's labels are a dict of tensors: they must follow the model to a GPU."""
+    meta = torch.device("meta")  # a device other than the CPU that every machine has
+    batch = {"pixel_values": torch.zeros(2, 3), "labels": {"a": torch.zeros(2)}, "flag": True}
+    moved = {k: train._on(meta, v) for k, v in batch.items()}
+    assert moved["pixel_values"].device == meta and moved["labels"]["a"].device == meta
+    assert moved["flag"] is True
 
 
 def test_stage1_trains_only_the_projector(tiny_models):

@@ -126,3 +126,23 @@ def test_paper_config_plans_every_stage_offline(tmp_path):
         resources = re.search(r"resources: (.*)", block)
         if rule and resources:
             assert ("gpu=1" in resources[1]) == (rule[1] in GPU_RULES), block
+
+
+WORLD_TRAINING_RULES = {"pretrain_base", "pretrain_vision", "stage1", "stage2"}
+
+
+def test_world_gpu_setting_asks_for_a_gpu_on_the_training_rules_only(tmp_path):
+    """``world.gpu: 1`` (retraining on a GPU cluster) reaches the scheduler as each training
+    job's ``gpu`` resource; the analyses of the tiny world stay on CPU cores."""
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "gpu.yaml").write_text("world:\n  pretrained: null\n  gpu: 1\n")
+    config = ("--configfile", "config/config.yaml", "gpu.yaml")
+    result = run_snakemake(workdir, "-n", "--cores", "2", *config)
+    text = result.stdout + result.stderr
+    asked = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        resources = re.search(r"resources: (.*)", block)
+        if rule and resources and "gpu=1" in resources[1]:
+            asked.add(rule[1])
+    assert asked == WORLD_TRAINING_RULES, text[-2000:]

@@ -6,8 +6,9 @@ Steps (``vlmlayers train <step>``):
   stage1   LLaVA stage 1 = ``aligned``: projector only (LM and tower frozen), image captioning
   stage2   LLaVA stage 2 = ``tuned``: projector + LM (or a band of its layers) on VQA
 
-Every step resumes from its last checkpoint after a crash; batches depend only on (seed, step),
-so a resumed run reproduces the uninterrupted one.
+Every step trains on the device ``VLMLAYERS_DEVICE`` names (``auto``: a GPU when there is one)
+and resumes from its last checkpoint after a crash; batches depend only on (seed, step), so a
+resumed run reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from vlmlayers.world import scenes
 from vlmlayers.world.tokenizer import build_processor, build_tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
+CPU = torch.device("cpu")
 
 
 def partial_dir(out: Path) -> Path:
@@ -78,7 +80,8 @@ def fit(
 ) -> pd.DataFrame:
     """AdamW + cosine schedule over the model's trainable parameters, with resume.
 
-    ``make_batch(step)`` returns model kwargs incl. ``labels`` (moved to the model's device);
+    ``make_batch(step)`` returns model kwargs incl. ``labels`` (moved to the model's device,
+    dicts of tensors included);
     ``model(**batch).loss`` is minimised, under bf16 autocast on CUDA when ``bf16``. Frozen
     parameters get no optimizer state. State is saved atomically under ``out/checkpoint`` every
     ``checkpoint_every`` steps, after ``on_checkpoint(step)``; the loss curve (step, loss, lr,
@@ -91,7 +94,11 @@ def fit(
     settings = {"steps": steps, "lr": lr, "warmup": warmup, "seed": seed,
                 "weight_decay": weight_decay, "trainable": [n for n, _ in named]}  # fmt: skip
     start, log = 0, []
-    state = torch.load(ckpt / "state.pt", weights_only=False) if ckpt.exists() else None
+    state = (
+        torch.load(ckpt / "state.pt", map_location=CPU, weights_only=False)
+        if ckpt.exists()
+        else None
+    )
     if state is not None and state.get("settings") != settings:
         print(f"{desc}: {ckpt} is from other settings; starting afresh")
         state = None
@@ -110,7 +117,7 @@ def fit(
     t0 = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, unit="step")
     for step in bar:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_batch(step).items()}
+        batch = {k: _on(device, v) for k, v in make_batch(step).items()}
         with autocast:
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -150,6 +157,13 @@ def fit(
     return pd.DataFrame(log)
 
 
+def _on(device: torch.device, value):
+    """``value`` (a tensor, a dict of tensors or anything else) on ``device``."""
+    if isinstance(value, dict):
+        return {k: _on(device, v) for k, v in value.items()}
+    return value.to(device) if torch.is_tensor(value) else value
+
+
 def finish(
     model, processor, out: Path, log: pd.DataFrame, meta: dict, keep: tuple[str, ...] = ()
 ) -> None:
@@ -182,7 +196,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 # --------------------------------------------------------------------------- base LM
-def train_base(args: argparse.Namespace) -> None:
+def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     """The base LM on the corpus; the first ``--curriculum`` steps draw only texts about one
     object (and facts): copying an attribute from context is found there first, and multi-object
     texts alone hide it (measured: a 12 x 128 LM stayed at chance on colour questions after 2,000
@@ -210,6 +224,7 @@ def train_base(args: argparse.Namespace) -> None:
     seed_everything(args.seed)  # the initial weights depend on the seed alone
     model = LlamaForCausalLM(config)
     scale_residual_init(model, args.layers)
+    model.to(device)  # initialised on the CPU: the same weights on every device
     encoded = tokenizer(corpus["text"].tolist(), add_special_tokens=True)["input_ids"]
     simple = [t for t, n in zip(encoded, corpus["objects"], strict=True) if n <= 1]
 
@@ -238,7 +253,7 @@ def train_base(args: argparse.Namespace) -> None:
         model, make_batch, args.out, desc="base LM", on_checkpoint=score_curve, **schedule(args)
     )
     meta = {
-        **_meta(args, "base"),
+        **_meta(args, "base", device),
         "world": json.loads((args.world / "world.json").read_text()),
         "corpus_sha256": hash_files([args.world / "corpus.parquet"]),
     }
@@ -372,7 +387,7 @@ def cell_targets(scene: scenes.Scene, classes: dict[str, list[str]]) -> dict[str
     return targets
 
 
-def train_vision(args: argparse.Namespace) -> None:
+def train_vision(args: argparse.Namespace, device: torch.device = CPU) -> None:
     processor = build_processor(build_tokenizer(["x"]), args.image_size, args.patch)
     config = CLIPVisionConfig(
         hidden_size=args.hidden,
@@ -383,7 +398,7 @@ def train_vision(args: argparse.Namespace) -> None:
         patch_size=args.patch,
     )
     classes = cell_classes()
-    model = AttributeHeads(CLIPVisionModel(config), classes)
+    model = AttributeHeads(CLIPVisionModel(config), classes).to(device)
     # The tower sees every combination (like CLIP on web data); pairs are held out only later.
     pixels, targets = scene_tensors(processor, args.n_images, args.image_size, args.seed, classes)
 
@@ -397,13 +412,13 @@ def train_vision(args: argparse.Namespace) -> None:
     # final metrics: every head on fresh scenes (another seed), per attribute over the cells
     pixels, targets = scene_tensors(processor, 1000, args.image_size, args.seed + 1, classes)
     with torch.no_grad():
-        logits = model.logits(pixels)
-    hits = {a: (logits[a].argmax(-1) == targets[a]).float().mean().item() for a in classes}
+        logits = model.logits(pixels.to(device))
+    hits = {a: (logits[a].argmax(-1).cpu() == targets[a]).float().mean().item() for a in classes}
     metrics = {
         f"heldout_accuracy_{attr}": float(np.mean([v for a, v in hits.items() if a.endswith(attr)]))
         for attr in ("shape", "colour", "size")
     }
-    meta = {**_meta(args, "vision"), "metrics": {**metrics, "n": 1000}}
+    meta = {**_meta(args, "vision", device), "metrics": {**metrics, "n": 1000}}
     finish(model.tower, processor.image_processor, args.out, log, meta)
 
 
@@ -467,29 +482,35 @@ def freeze_except(model: nn.Module, trainable: list[nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_vlm(model, processor, trainable: list[nn.Module], args, task: str, role: str) -> None:
-    """Stage 1 or 2: train ``trainable`` modules on the world's ``task`` batches, then save."""
+def train_vlm(
+    model, processor, trainable: list[nn.Module], args, task: str, role: str, device: torch.device
+) -> None:
+    """Stage 1 or 2: train ``trainable`` modules on the world's ``task`` batches (on ``device``),
+    then save."""
+    model.to(device)
     n_trainable = freeze_except(model, trainable)
     data = pd.read_parquet(args.world / "train.parquet")
     make_batch = vlm_batches(processor, data, args.seed, args.batch_size, task)
     log = fit(model, make_batch, args.out, desc=f"{task} ({role})", **schedule(args))
-    finish(model, processor, args.out, log, {**_meta(args, role), "trainable_params": n_trainable})
+    meta = {**_meta(args, role, device), "trainable_params": n_trainable}
+    finish(model, processor, args.out, log, meta)
 
 
-def train_stage1(args: argparse.Namespace) -> None:
+def train_stage1(args: argparse.Namespace, device: torch.device = CPU) -> None:
     """LLaVA stage 1: the projector alone learns to caption; LM and tower stay frozen."""
     model, processor = compose_llava(args.base, args.vision, args.image_size, args.patch)
-    train_vlm(model, processor, [model.model.multi_modal_projector], args, "caption", "aligned")
+    projector = [model.model.multi_modal_projector]
+    train_vlm(model, processor, projector, args, "caption", "aligned", device)
 
 
-def train_stage2(args: argparse.Namespace) -> None:
+def train_stage2(args: argparse.Namespace, device: torch.device = CPU) -> None:
     """LLaVA stage 2: projector + the whole LM on image-form VQA; the tower stays frozen."""
     from vlmlayers.finetune import trainable_modules
     from vlmlayers.models import ModelSpec, load
 
     loaded = load(ModelSpec(name="aligned", path=str(args.aligned), role="aligned"))
     trainable = trainable_modules(loaded, list(range(loaded.n_layers)))
-    train_vlm(loaded.model, loaded.processor, trainable, args, "vqa", "tuned")
+    train_vlm(loaded.model, loaded.processor, trainable, args, "vqa", "tuned", device)
 
 
 def schedule(args: argparse.Namespace) -> dict:
@@ -503,7 +524,7 @@ def schedule(args: argparse.Namespace) -> dict:
     )
 
 
-def _meta(args: argparse.Namespace, role: str) -> dict:
+def _meta(args: argparse.Namespace, role: str, device: torch.device) -> dict:
     from vlmlayers import __version__
 
     params = {
@@ -512,6 +533,7 @@ def _meta(args: argparse.Namespace, role: str) -> dict:
     return {
         "role": role,
         "params": params,
+        "device": device.type,
         "vlmlayers_version": __version__,
         "code_sha256": hash_files(sorted(Path(__file__).parent.glob("*.py"))),
     }
@@ -561,6 +583,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    setup_torch(seed=args.seed)
-    STEPS[args.step](args)
+    STEPS[args.step](args, device=setup_torch(seed=args.seed))
     print(json.dumps({"trained": args.step, "out": str(args.out)}))
