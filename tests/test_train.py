@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from vlmlayers.models import ModelSpec, load
 from vlmlayers.world import scenes, train
+from vlmlayers.world.tokenizer import build_tokenizer
 
 
 def test_checkpoints_load_through_auto_classes(tiny_models):
@@ -140,3 +141,26 @@ def test_packed_texts_see_only_themselves():
             assert batch["labels"][r, start + 1 : start + len(text)].tolist() == text[1:]
             start += len(text)
         assert (batch["labels"][r, start:] == -100).all()  # padding
+
+
+class _Copier(torch.nn.Module):
+    """Predicts the token ``lag`` positions back: a perfect induction head when ``lag`` is the
+    length of the repeated list."""
+
+    def __init__(self, vocab: int, lag: int):
+        super().__init__()
+        self.vocab, self.lag = vocab, lag
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    def forward(self, input_ids):
+        source = torch.roll(input_ids, self.lag - 1, dims=1)  # token at t - lag + 1
+        return argparse.Namespace(logits=torch.nn.functional.one_hot(source, self.vocab).float())
+
+
+def test_induction_accuracy_scores_copying_of_the_second_list_only():
+    tokenizer = build_tokenizer(scenes.vocabulary_texts())
+    vocab = len(tokenizer)
+    copier = _Copier(vocab, train.INDUCTION_LENGTH)
+    assert train.induction_accuracy(copier, tokenizer, seed=0) == 1.0
+    wrong_lag = _Copier(vocab, train.INDUCTION_LENGTH + 1)
+    assert train.induction_accuracy(wrong_lag, tokenizer, seed=0) < 0.1

@@ -241,7 +241,11 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         if heldout is None or not args.eval_every or step % args.eval_every or step == args.steps:
             return
         point = json.dumps(
-            {"step": step, **text_qa_accuracy(model, tokenizer, heldout.head(CURVE_QUESTIONS))}
+            {
+                "step": step,
+                **text_qa_accuracy(model, tokenizer, heldout.head(CURVE_QUESTIONS)),
+                "induction_accuracy": induction_accuracy(model, tokenizer, args.seed),
+            }
         )
         model.train()
         print(point, flush=True)
@@ -259,6 +263,10 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     }
     if heldout is not None:
         meta["metrics"] = text_qa_accuracy(model, tokenizer, heldout)
+    meta["metrics"] = {
+        **meta.get("metrics", {}),
+        "induction_accuracy": induction_accuracy(model, tokenizer, args.seed),
+    }
     finish(model, tokenizer, args.out, log, meta, keep=(LEARNING_CURVE,))
 
 
@@ -274,6 +282,27 @@ def scale_residual_init(model: LlamaForCausalLM, n_layers: int) -> None:
     for layer in model.model.layers:
         for weight in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
             nn.init.normal_(weight, std=std)
+
+
+INDUCTION_LISTS, INDUCTION_LENGTH = 100, 10
+
+
+@torch.no_grad()
+def induction_accuracy(model, tokenizer, seed: int) -> float:
+    """Top-1 accuracy on the second copy of ``INDUCTION_LISTS`` random word lists said twice
+    (its first word excluded): in-context copying by induction heads, which the first copy
+    cannot predict (Olsson et al. 2022, "In-context learning and induction heads")."""
+    words = np.array(sorted(w for w in tokenizer.get_vocab() if w.isalpha()))
+    rng = np.random.default_rng([seed, INDUCTION_LISTS])
+    lists = [rng.choice(words, INDUCTION_LENGTH).tolist() for _ in range(INDUCTION_LISTS)]
+    texts = [" ".join(w + w) for w in lists]
+    ids = tokenizer(texts, add_special_tokens=True, return_tensors="pt")["input_ids"]
+    was_training = model.training
+    model.eval()
+    predicted = model(ids.to(next(model.parameters()).device)).logits.argmax(-1).cpu()
+    model.train(was_training)
+    second = slice(INDUCTION_LENGTH + 1, -1)  # positions predicting words 2.. of the second copy
+    return float((predicted[:, second] == ids[:, INDUCTION_LENGTH + 2 :]).float().mean())
 
 
 def text_qa_accuracy(model, tokenizer, rows: pd.DataFrame) -> dict:
