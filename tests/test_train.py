@@ -27,6 +27,8 @@ def test_checkpoints_load_through_auto_classes(tiny_models):
     assert not train.partial_dir(tiny_models["tuned"]).exists()
     for name, path in tiny_models.items():  # the CLI trains where VLMLAYERS_DEVICE says (cpu)
         assert json.loads((path / "training.json").read_text())["device"] == "cpu", name
+    base_metrics = json.loads((tiny_models["base"] / "training.json").read_text())["metrics"]
+    assert 0.0 <= base_metrics["induction_accuracy"] <= 1.0 and base_metrics["n"] > 0
 
 
 def test_batches_move_to_the_device_with_nested_labels():

@@ -261,12 +261,8 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         "world": json.loads((args.world / "world.json").read_text()),
         "corpus_sha256": hash_files([args.world / "corpus.parquet"]),
     }
-    if heldout is not None:
-        meta["metrics"] = text_qa_accuracy(model, tokenizer, heldout)
-    meta["metrics"] = {
-        **meta.get("metrics", {}),
-        "induction_accuracy": induction_accuracy(model, tokenizer, args.seed),
-    }
+    qa = text_qa_accuracy(model, tokenizer, heldout) if heldout is not None else {}
+    meta["metrics"] = {**qa, "induction_accuracy": induction_accuracy(model, tokenizer, args.seed)}
     finish(model, tokenizer, args.out, log, meta, keep=(LEARNING_CURVE,))
 
 
