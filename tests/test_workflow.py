@@ -112,6 +112,17 @@ def test_lint_is_clean(workflow_run):
 GPU_RULES = {"extract", "evaluate", "intervene", "finetune_train", "finetune_score"}
 
 
+def _job_resources(dry_run: str) -> list[tuple[str, str]]:
+    """(rule, its ``resources:`` line) for every job in a dry run's listing, local rules too."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        resources = re.search(r"resources: (.*)", block)
+        if rule and resources:
+            jobs.append((rule[1], resources[1]))
+    return jobs
+
+
 def test_paper_config_plans_every_stage_offline(tmp_path):
     """config/paper.yaml's dry run builds the whole DAG without the network, the models or the
     data, and asks for a GPU on the model-running rules only."""
@@ -121,11 +132,8 @@ def test_paper_config_plans_every_stage_offline(tmp_path):
     planned = set(re.findall(r"^(\w+)\s+\d+$", text, re.M)) - {"total"}
     stages = {"prepare_data", "probe", "geometry", "finetune_table", "claims", *GPU_RULES}
     assert stages <= planned
-    for block in re.split(r"\n(?=rule \w+:)", text):
-        rule = re.match(r"rule (\w+):", block)
-        resources = re.search(r"resources: (.*)", block)
-        if rule and resources:
-            assert ("gpu=1" in resources[1]) == (rule[1] in GPU_RULES), block
+    for rule, resources in _job_resources(text):
+        assert ("gpu=1" in resources) == (rule in GPU_RULES), f"{rule}: {resources}"
 
 
 WORLD_TRAINING_RULES = {"pretrain_base", "pretrain_vision", "stage1", "stage2"}
@@ -139,10 +147,5 @@ def test_world_gpu_setting_asks_for_a_gpu_on_the_training_rules_only(tmp_path):
     config = ("--configfile", "config/config.yaml", "gpu.yaml")
     result = run_snakemake(workdir, "-n", "--cores", "2", *config)
     text = result.stdout + result.stderr
-    asked = set()
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
-        rule = re.match(r"(?:local)?rule (\w+):", block)
-        resources = re.search(r"resources: (.*)", block)
-        if rule and resources and "gpu=1" in resources[1]:
-            asked.add(rule[1])
+    asked = {rule for rule, resources in _job_resources(text) if "gpu=1" in resources}
     assert asked == WORLD_TRAINING_RULES, text[-2000:]

@@ -22,6 +22,8 @@ WORLD_DATA_KEYS = (
 )
 SRC = Path(workflow.basedir) / "src" / "vlmlayers"
 THREADS = config["threads"]
+# GPUs a tiny-world training job asks for (world.gpu); the trainers use any GPU they get.
+WORLD_GPU = WORLD["gpu"] if WORLD else 0
 
 
 def code_version(*modules):

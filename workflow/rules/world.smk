@@ -52,7 +52,7 @@ rule pretrain_base:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=WORLD["gpu"] if WORLD else 0,
+        gpu=WORLD_GPU,
     params:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
@@ -80,7 +80,7 @@ rule pretrain_vision:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=WORLD["gpu"] if WORLD else 0,
+        gpu=WORLD_GPU,
     params:
         seed=config["seed"],
         args=training_args(WORLD["vision"]) if WORLD else "",
@@ -116,7 +116,7 @@ rule stage1:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=WORLD["gpu"] if WORLD else 0,
+        gpu=WORLD_GPU,
     params:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
@@ -155,7 +155,7 @@ rule stage2:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=WORLD["gpu"] if WORLD else 0,
+        gpu=WORLD_GPU,
     params:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
