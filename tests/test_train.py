@@ -61,11 +61,15 @@ def test_stage1_trains_only_the_projector(tiny_models):
     assert any(not torch.equal(tuned_projector[k], v) for k, v in projector.items())
 
 
-def _base_args(world, out, steps):
+def _base_args(world, out, steps, instruct_steps=0):
     return argparse.Namespace(
         world=world,
         out=out,
         steps=steps,
+        induction_steps=1,
+        repeat_share=0.1,
+        instruct_steps=instruct_steps,
+        instruct_lr=1e-3,
         batch_size=4,
         lr=1e-3,
         warmup=1,
@@ -75,7 +79,7 @@ def _base_args(world, out, steps):
         hidden=16,
         heads=2,
         context=64,
-        curriculum=2,
+        curriculum=1,
         eval_every=2,
     )
 
@@ -83,17 +87,20 @@ def _base_args(world, out, steps):
 def test_resume_after_crash_continues_the_same_run(
     tiny_world, tmp_path, monkeypatch, crash_training_at
 ):
-    train.train_base(_base_args(tiny_world, tmp_path / "straight", 6))
-    crash_training_at(3)
+    """Pretraining (steps 1-2), then instruction tuning (3-6), killed at its third step."""
+    train.train_base(_base_args(tiny_world, tmp_path / "straight", 2, instruct_steps=4))
+    crash_training_at(3)  # a step of instruction tuning only: pretraining has steps 0-1
     with pytest.raises(KeyboardInterrupt):
-        train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
-    assert (train.partial_dir(tmp_path / "resumed") / train.CHECKPOINT_DIR / "state.pt").exists()
+        train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, instruct_steps=4))
+    partial = train.partial_dir(tmp_path / "resumed")
+    assert (partial / train.CHECKPOINT_DIR / "state.pt").exists()
     monkeypatch.undo()
-    train.train_base(_base_args(tiny_world, tmp_path / "resumed", 6))
+    train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, instruct_steps=4))
 
     straight = pd.read_csv(tmp_path / "straight" / "losses.csv")
     resumed = pd.read_csv(tmp_path / "resumed" / "losses.csv")
     pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
+    assert resumed["step"].tolist() == [1, 2, 3, 4, 5, 6]
     # the held-out learning curve: scored at steps 2 and 4 (6 is the final score), once each
     curves = [
         pd.read_json(tmp_path / run / train.LEARNING_CURVE, lines=True)
@@ -145,24 +152,45 @@ def test_packed_texts_see_only_themselves():
         assert (batch["labels"][r, start:] == -100).all()  # padding
 
 
-class _Copier(torch.nn.Module):
-    """Predicts the token ``lag`` positions back: a perfect induction head when ``lag`` is the
-    length of the repeated list."""
+def test_reply_loss_covers_the_reply_only():
+    """With ``reply_after``, a text holding those tokens is a prompt whose tokens are context,
+    not targets; other texts keep the full loss; what each text sees does not change."""
+    texts = [[1, 5, 9, 7], [1, 3, 8, 2, 3, 8, 6, 4]]
+    rows = [texts]
+    full = train.packed_batch(rows, pad_id=0)
+    reply = train.packed_batch(rows, pad_id=0, reply_after=[3, 8])
+    assert torch.equal(full["attention_mask"], reply["attention_mask"])
+    assert reply["labels"][0, :4].tolist() == full["labels"][0, :4].tolist() == [-100, 5, 9, 7]
+    assert reply["labels"][0, 4:].tolist() == [-100] * 6 + [6, 4]  # after the last "3 8"
 
-    def __init__(self, vocab: int, lag: int):
+
+class _Copier(torch.nn.Module):
+    """Predicts the token after the latest earlier occurrence of the current token (a perfect
+    induction head), or, with ``lag``, the token ``lag`` - 1 positions back (a positional head,
+    perfect on lists of length ``lag`` said twice)."""
+
+    def __init__(self, vocab: int, lag: int | None = None):
         super().__init__()
         self.vocab, self.lag = vocab, lag
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
 
     def forward(self, input_ids):
-        source = torch.roll(input_ids, self.lag - 1, dims=1)  # token at t - lag + 1
-        return argparse.Namespace(logits=torch.nn.functional.one_hot(source, self.vocab).float())
+        if self.lag is not None:
+            predicted = torch.roll(input_ids, self.lag - 1, dims=1)
+        else:
+            predicted = input_ids.clone()
+            for row in range(input_ids.shape[0]):
+                seen: dict[int, int] = {}
+                for t, token in enumerate(input_ids[row].tolist()):
+                    if token in seen:
+                        predicted[row, t] = input_ids[row, seen[token] + 1]
+                    seen[token] = t
+        return argparse.Namespace(logits=torch.nn.functional.one_hot(predicted, self.vocab).float())
 
 
-def test_induction_accuracy_scores_copying_of_the_second_list_only():
+def test_induction_accuracy_scores_content_copying_not_a_fixed_offset():
     tokenizer = build_tokenizer(scenes.vocabulary_texts())
     vocab = len(tokenizer)
-    copier = _Copier(vocab, train.INDUCTION_LENGTH)
-    assert train.induction_accuracy(copier, tokenizer, seed=0) == 1.0
-    wrong_lag = _Copier(vocab, train.INDUCTION_LENGTH + 1)
-    assert train.induction_accuracy(wrong_lag, tokenizer, seed=0) < 0.1
+    assert train.induction_accuracy(_Copier(vocab), tokenizer, seed=0) == 1.0
+    for length in train.INDUCTION_LENGTHS:  # right for one list length only
+        assert train.induction_accuracy(_Copier(vocab, lag=length), tokenizer, seed=0) < 0.2

@@ -131,17 +131,20 @@ def encode(
     for i in range(n):
         reply = count[n + i][len(count[i]) :]
         # The last occurrence: some processors append after the text (PaliGemma adds "\n").
-        start = _find_last(batch["input_ids"][i].tolist(), reply)
+        start = find_last(batch["input_ids"][i].tolist(), reply)
+        if start < 0:
+            raise ValueError(f"reply tokens {reply} not found in the encoded conversation {i}")
         labels[i, start : start + len(reply)] = batch["input_ids"][i, start : start + len(reply)]
     batch["labels"] = labels
     return batch
 
 
-def _find_last(ids: list[int], part: list[int]) -> int:
+def find_last(ids: list[int], part: list[int]) -> int:
+    """Where the last occurrence of ``part`` in ``ids`` starts, or -1 if there is none."""
     for start in range(len(ids) - len(part), -1, -1):
         if ids[start : start + len(part)] == part:
             return start
-    raise ValueError(f"reply tokens {part} not found in the encoded conversation {ids}")
+    return -1
 
 
 def encode_rows(

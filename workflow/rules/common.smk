@@ -321,6 +321,10 @@ def training_args(section):
         "n_images",
         "context",
         "curriculum",
+        "induction_steps",
+        "repeat_share",
+        "instruct_steps",
+        "instruct_lr",
         "eval_every",
     )
     return " ".join(

@@ -387,17 +387,25 @@ def _facts() -> list[str]:
 
 
 # The base LM's pretraining mix: share of each kind of text (corpus_texts)
-CORPUS_MIX = {"qa": 0.40, "statements": 0.30, "paraphrase": 0.10, "fact": 0.10, "caption": 0.10}
+CORPUS_MIX = {
+    "qa": 0.35,
+    "statements": 0.25,
+    "bindings": 0.15,
+    "paraphrase": 0.10,
+    "fact": 0.10,
+    "caption": 0.05,
+}
 N_STATEMENTS = 5  # statements after a caption
 
 
 def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> pd.DataFrame:
-    """The base LM's pretraining mix (``CORPUS_MIX``): text-form QA (full-sequence loss), a
-    caption followed by true statements about its objects (the dense form of what QA asks;
-    models/tinyworld/README.md has what they did and did not change), paraphrase pairs, facts,
-    plain captions. Every scene may appear (the LM knows the whole world, as an LLM knows
-    language). Columns ``text`` and ``objects`` (how many objects the text describes; 0 for a
-    fact), so that pretraining can start with the simplest texts."""
+    """The base LM's pretraining mix (``CORPUS_MIX``): text-form QA, a caption followed by true
+    statements about its objects (the dense form of what QA asks), a caption followed by each
+    object's shape and colour (bindings), paraphrase pairs, facts, plain captions
+    (models/tinyworld/README.md has what each did and did not change). Every scene may appear
+    (the LM knows the whole world, as an LLM knows language). Columns ``text`` and ``objects``
+    (how many objects the text describes; 0 for a fact), so that pretraining can start with
+    the simplest texts."""
     facts = _facts()
     texts, objects = [], []
     types = list(QUESTIONS)
@@ -417,6 +425,9 @@ def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> pd.DataFr
             texts.append(render_chat(prompts.with_answer(messages, answer)))
         elif kind == "statements":
             texts.append(f"{captions[0]} {statements(scene, rng, N_STATEMENTS)}")
+        elif kind == "bindings":
+            things = [scene.things[i] for i in rng.permutation(len(scene.things))]
+            texts.append(" ".join([captions[0], *(f"{t.shape} {t.colour} ." for t in things)]))
         elif kind == "paraphrase":
             texts.append(f"{captions[0]} in other words , {captions[1]}")
         elif kind == "fact":

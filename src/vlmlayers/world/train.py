@@ -197,10 +197,16 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 # --------------------------------------------------------------------------- base LM
 def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
-    """The base LM on the corpus; the first ``--curriculum`` steps draw only texts about one
-    object (and facts): copying an attribute from context is found there first, and multi-object
-    texts alone hide it (measured: a 12 x 128 LM stayed at chance on colour questions after 2,000
-    steps without it, and found copying within 800 steps with it)."""
+    """The base LM, pretrained and then instruction-tuned as Vicuna was on LLaMA.
+
+    Pretraining (``--steps``, full-sequence loss): the first ``--induction-steps`` draw only
+    ``repeated_lists``, where induction heads (content-based copying) form; the next
+    ``--curriculum`` only texts about one object (and facts); the rest the corpus with
+    ``--repeat-share`` more lists. Instruction tuning (``--instruct-steps``, its own warm-up and
+    schedule at ``--instruct-lr``): half of each batch the corpus's text-form QA with the loss on
+    the reply only, half the rest of the pretraining mix. models/tinyworld/README.md has what
+    each phase did: without the lists no lookup formed in a caption, and without the
+    instruction loss the QA did not use the lookups the statements had taught."""
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
@@ -223,22 +229,44 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     )
     seed_everything(args.seed)  # the initial weights depend on the seed alone
     model = LlamaForCausalLM(config)
-    scale_residual_init(model, args.layers)
     model.to(device)  # initialised on the CPU: the same weights on every device
     encoded = tokenizer(corpus["text"].tolist(), add_special_tokens=True)["input_ids"]
     simple = [t for t, n in zip(encoded, corpus["objects"], strict=True) if n <= 1]
+    lists_rng = np.random.default_rng([args.seed, len(corpus)])
+    n_lists = round(args.repeat_share * len(corpus))
+    lists = repeated_lists(world_words(tokenizer), lists_rng, n_lists, REPEAT_LENGTHS)
+    lists = tokenizer(lists, add_special_tokens=True)["input_ids"] if lists else []
+    mixed = encoded + lists
+    reply_after = tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    qa = [t for t in encoded if prompts.find_last(t, reply_after) >= 0]
+    not_qa = [t for t in mixed if prompts.find_last(t, reply_after) < 0]
 
-    def make_batch(step: int) -> dict:
-        texts = simple if step < args.curriculum else encoded
+    def pretrain_batch(step: int) -> dict:
+        phases = ((args.induction_steps, lists), (args.curriculum, simple))
+        texts, end = mixed, 0
+        for length, phase_texts in phases:
+            end += length
+            if step < end:
+                texts = phase_texts
+                break
         rows = packed_rows(texts, batch_rng(args.seed, step), args.batch_size, args.context)
         return packed_batch(rows, tokenizer.pad_token_id)
+
+    def instruct_batch(step: int) -> dict:
+        rng = batch_rng(args.seed, args.steps + step)
+        half = args.batch_size // 2
+        rows = packed_rows(qa, rng, half, args.context)
+        rows += packed_rows(not_qa, rng, args.batch_size - half, args.context)
+        return packed_batch(rows, tokenizer.pad_token_id, reply_after)
 
     heldout_file = args.world / "test.parquet"
     heldout = pd.read_parquet(heldout_file) if heldout_file.exists() else None
     curve = partial_dir(args.out) / LEARNING_CURVE
 
+    total = args.steps + args.instruct_steps
+
     def score_curve(step: int) -> None:
-        if heldout is None or not args.eval_every or step % args.eval_every or step == args.steps:
+        if heldout is None or not args.eval_every or step % args.eval_every or step == total:
             return
         point = json.dumps(
             {
@@ -254,8 +282,18 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
             f.write(point + "\n")
 
     log = fit(
-        model, make_batch, args.out, desc="base LM", on_checkpoint=score_curve, **schedule(args)
-    )
+        model, pretrain_batch, args.out, desc="base LM", on_checkpoint=score_curve,
+        **schedule(args),
+    )  # fmt: skip
+    if args.instruct_steps:
+        tuned = fit(
+            model, instruct_batch, partial_dir(args.out) / "instruct", desc="instruction tuning",
+            on_checkpoint=lambda step: score_curve(args.steps + step),
+            **{**schedule(args), "steps": args.instruct_steps, "lr": args.instruct_lr},
+        )  # fmt: skip
+        tuned["step"] += args.steps
+        tuned["seconds"] += log["seconds"].iloc[-1]
+        log = pd.concat([log, tuned], ignore_index=True)
     meta = {
         **_meta(args, "base", device),
         "world": json.loads((args.world / "world.json").read_text()),
@@ -268,37 +306,52 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
 
 LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA during base-LM pretraining
 CURVE_QUESTIONS = 220  # the first rows of test.parquet: 20 of each question type
+REPEAT_LENGTHS = (3, 25)  # words in each of the base LM's repeated_lists
 
 
-def scale_residual_init(model: LlamaForCausalLM, n_layers: int) -> None:
-    """GPT-2's initialisation of the projections that write into the residual stream (attention
-    output, MLP down projection): std 0.02 / sqrt(2 n_layers) (Radford et al. 2019), so that a
-    deep narrow LM's stream is not swamped by its blocks' random outputs at the start."""
-    std = model.config.initializer_range / (2 * n_layers) ** 0.5
-    for layer in model.model.layers:
-        for weight in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
-            nn.init.normal_(weight, std=std)
+def world_words(tokenizer) -> np.ndarray:
+    """The tokenizer's words (no punctuation or special tokens), sorted."""
+    return np.array(sorted(w for w in tokenizer.get_vocab() if w.isalpha()))
 
 
-INDUCTION_LISTS, INDUCTION_LENGTH = 100, 10
+def repeated_lists(
+    words: np.ndarray, rng: np.random.Generator, n: int, lengths: tuple[int, int]
+) -> list[str]:
+    """``n`` lists of distinct random ``words`` said twice, each as long as a draw from
+    ``lengths`` (inclusive): copy targets at varying distances, which content-based copying
+    (induction heads) predicts and a head attending a fixed distance back does not."""
+    texts = []
+    for _ in range(n):
+        length = int(rng.integers(lengths[0], lengths[1] + 1))
+        listed = rng.choice(words, length, replace=False).tolist()
+        texts.append(" ".join(listed + listed))
+    return texts
+
+
+INDUCTION_LISTS, INDUCTION_LENGTHS = 100, (4, 16)
 
 
 @torch.no_grad()
 def induction_accuracy(model, tokenizer, seed: int) -> float:
-    """Top-1 accuracy on the second copy of ``INDUCTION_LISTS`` random word lists said twice
-    (its first word excluded): in-context copying by induction heads, which the first copy
-    cannot predict (Olsson et al. 2022, "In-context learning and induction heads")."""
-    words = np.array(sorted(w for w in tokenizer.get_vocab() if w.isalpha()))
+    """Top-1 accuracy on the second copy of ``INDUCTION_LISTS`` ``repeated_lists`` (its first
+    word excluded): in-context copying by induction heads, which the first copy cannot predict
+    (Olsson et al. 2022, "In-context learning and induction heads"). The lengths vary, so that
+    positional copying (which lists of one length teach) does not score."""
     rng = np.random.default_rng([seed, INDUCTION_LISTS])
-    lists = [rng.choice(words, INDUCTION_LENGTH).tolist() for _ in range(INDUCTION_LISTS)]
-    texts = [" ".join(w + w) for w in lists]
-    ids = tokenizer(texts, add_special_tokens=True, return_tensors="pt")["input_ids"]
+    texts = repeated_lists(world_words(tokenizer), rng, INDUCTION_LISTS, INDUCTION_LENGTHS)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    predicted = model(ids.to(next(model.parameters()).device)).logits.argmax(-1).cpu()
+    hits = total = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        length = (ids.shape[1] - 1) // 2  # <s> + the list twice
+        predicted = model(ids.to(device)).logits.argmax(-1).cpu()[0]
+        # positions predicting words 2.. of the second copy
+        hits += int((predicted[length + 1 : -1] == ids[0, length + 2 :]).sum())
+        total += length - 1
     model.train(was_training)
-    second = slice(INDUCTION_LENGTH + 1, -1)  # positions predicting words 2.. of the second copy
-    return float((predicted[:, second] == ids[:, INDUCTION_LENGTH + 2 :]).float().mean())
+    return hits / total
 
 
 def text_qa_accuracy(model, tokenizer, rows: pd.DataFrame) -> dict:
@@ -339,13 +392,17 @@ def packed_rows(
     return rows[:batch_size]
 
 
-def packed_batch(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def packed_batch(
+    rows: list[list[list[int]]], pad_id: int, reply_after: list[int] | None = None
+) -> dict[str, torch.Tensor]:
     """Model inputs for packed rows: each text sees only itself (a block-diagonal causal mask,
     positions restarting at 0), exactly as if it were alone, and is its own loss; padding
-    (right) is masked out of the loss."""
+    (right) is masked out of the loss. With ``reply_after`` (token ids), a text holding them is
+    a prompt and its reply: its loss is the tokens after their last occurrence only (the
+    instruction loss, as ``prompts.encode`` sets it)."""
     length = max(sum(map(len, row)) for row in rows)
     ids = torch.full((len(rows), length), pad_id)
-    doc = torch.zeros((len(rows), length), dtype=torch.long)  # 0: padding
+    doc = torch.zeros((len(rows), length), dtype=torch.long)  # text k; -k: a prompt's tokens
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
@@ -354,12 +411,16 @@ def packed_batch(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Te
             ids[r, start:end] = torch.tensor(text)
             doc[r, start:end] = k
             positions[r, start:end] = torch.arange(len(text))
+            prompt = prompts.find_last(text, reply_after) if reply_after else -1
+            if prompt >= 0:
+                doc[r, start : start + prompt + len(reply_after)] *= -1  # seen, not a target
             start = end
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # padding attends to padding: no NaN
-    labels = ids.masked_fill(doc == 0, -100)
+    document = doc.abs()  # which text a token belongs to (0: padding, which attends to padding:
+    mask = (document[:, :, None] == document[:, None, :]) & causal  # no NaN)
+    labels = ids.masked_fill(doc <= 0, -100)
     labels[:, 0] = -100
-    labels[:, 1:].masked_fill_(doc[:, 1:] != doc[:, :-1], -100)  # a text's first token
+    labels[:, 1:].masked_fill_(document[:, 1:] != document[:, :-1], -100)  # a text's first token
     return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions,
             "labels": labels}  # fmt: skip
 
@@ -592,6 +653,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="base: steps at the start that draw only texts about one object (and facts)",
     )
+    parser.add_argument(
+        "--induction-steps",
+        type=int,
+        default=0,
+        help="base: steps at the start that draw only random word lists said twice",
+    )
+    parser.add_argument(
+        "--repeat-share",
+        type=float,
+        default=0.0,
+        help="base: word lists said twice added to the corpus, as a share of its texts",
+    )
+    parser.add_argument(
+        "--instruct-steps",
+        type=int,
+        default=0,
+        help="base: instruction-tuning steps after pretraining (loss on text-form QA replies)",
+    )
+    parser.add_argument("--instruct-lr", type=float, default=1e-3, help="base: their peak lr")
     parser.add_argument(
         "--eval-every",
         type=int,
