@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from vlmlayers.config import load as load_config
 from vlmlayers.io import hash_tree
 from vlmlayers.models import ModelSpec, load
 from vlmlayers.runtime import seed_everything
@@ -27,6 +28,21 @@ def test_weights_match_manifest(kind):
     manifest = _manifest(kind)
     assert hash_tree(SHIPPED / kind, "*.safetensors") == manifest["weights_sha256"]
     assert manifest["metrics"]["n"] >= 1000  # final metrics on held-out data
+
+
+def test_config_states_the_shipped_base_budget():
+    """config.yaml's base_lm section is what the shipped base LM was pretrained with, so the
+    pretrain rule (config/overlays/pretrain.yaml) retrains it."""
+    config = load_config(SHIPPED.parents[1] / "config" / "config.yaml")
+    params = _manifest("base")["params"]
+    world = config["world"]
+    stated = {"checkpoint_every": world["checkpoint_every"], **world["base_lm"]}
+    assert {key: params[key] for key in stated} == stated
+    assert params["seed"] == config["seed"]
+    assert _manifest("base")["world"] == {
+        key: world[key] if key in world else config["prompt"][key]
+        for key in _manifest("base")["world"]
+    }
 
 
 def test_base_loads_with_the_world_tokenizer():

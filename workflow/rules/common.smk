@@ -26,6 +26,11 @@ THREADS = config["threads"]
 WORLD_GPU = WORLD["gpu"] if WORLD else 0
 
 
+def checkpoint_every(section):
+    """Steps between a world training job's checkpoints: its section's own, else the world's."""
+    return WORLD[section].get("checkpoint_every", WORLD["checkpoint_every"]) if WORLD else 0
+
+
 def code_version(*modules):
     """Hash of the package sources a job runs, so editing them reruns it (Snakemake's own
     `code` trigger does not see inside the imported package)."""

@@ -57,7 +57,7 @@ rule pretrain_base:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
         args=training_args(WORLD["base_lm"]) if WORLD else "",
-        every=WORLD["checkpoint_every"] if WORLD else 0,
+        every=checkpoint_every("base_lm"),
         code=code_version("world/train.py", "world/tokenizer.py"),
     shell:
         with_digest(
@@ -84,7 +84,7 @@ rule pretrain_vision:
     params:
         seed=config["seed"],
         args=training_args(WORLD["vision"]) if WORLD else "",
-        every=WORLD["checkpoint_every"] if WORLD else 0,
+        every=checkpoint_every("vision"),
         size=(
             f"--image-size {WORLD['image_size']} --patch {WORLD['patch_size']}"
             if WORLD
@@ -123,7 +123,7 @@ rule stage1:
         base=lambda wc: pretrained("base"),
         vision=lambda wc: pretrained("vision"),
         args=training_args(WORLD["stage1"]) if WORLD else "",
-        every=WORLD["checkpoint_every"] if WORLD else 0,
+        every=checkpoint_every("stage1"),
         size=(
             f"--image-size {WORLD['image_size']} --patch {WORLD['patch_size']}"
             if WORLD
@@ -161,7 +161,7 @@ rule stage2:
         world=lambda wc, input: os.path.dirname(input.world),
         aligned=lambda wc: f"{RESULTS}/models/aligned",
         args=training_args(WORLD["stage2"]) if WORLD else "",
-        every=WORLD["checkpoint_every"] if WORLD else 0,
+        every=checkpoint_every("stage2"),
         code=code_version("world/train.py", "prompts.py"),
     shell:
         with_digest(
