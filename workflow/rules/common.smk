@@ -28,7 +28,11 @@ WORLD_GPU = WORLD["gpu"] if WORLD else 0
 
 def checkpoint_every(section):
     """Steps between a world training job's checkpoints: its section's own, else the world's."""
-    return WORLD[section].get("checkpoint_every", WORLD["checkpoint_every"]) if WORLD else 0
+    return (
+        WORLD[section].get("checkpoint_every", WORLD["checkpoint_every"])
+        if WORLD
+        else 0
+    )
 
 
 def code_version(*modules):
