@@ -34,14 +34,13 @@ def test_config_states_the_shipped_base_budget():
     """config.yaml's base_lm section is what the shipped base LM was pretrained with, so the
     pretrain rule (config/overlays/pretrain.yaml) retrains it."""
     config = load_config(SHIPPED.parents[1] / "config" / "config.yaml")
-    params = _manifest("base")["params"]
-    world = config["world"]
+    manifest = _manifest("base")
+    params, world = manifest["params"], config["world"]
     stated = {"checkpoint_every": world["checkpoint_every"], **world["base_lm"]}
     assert {key: params[key] for key in stated} == stated
     assert params["seed"] == config["seed"]
-    assert _manifest("base")["world"] == {
-        key: world[key] if key in world else config["prompt"][key]
-        for key in _manifest("base")["world"]
+    assert manifest["world"] == {
+        key: world[key] if key in world else config["prompt"][key] for key in manifest["world"]
     }
 
 
