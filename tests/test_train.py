@@ -61,7 +61,7 @@ def test_stage1_trains_only_the_projector(tiny_models):
     assert any(not torch.equal(tuned_projector[k], v) for k, v in projector.items())
 
 
-def _base_args(world, out, steps, instruct_steps=0):
+def _base_args(world, out, steps, instruct_steps=0, chat_steps=0):
     return argparse.Namespace(
         world=world,
         out=out,
@@ -70,6 +70,8 @@ def _base_args(world, out, steps, instruct_steps=0):
         repeat_share=0.1,
         instruct_steps=instruct_steps,
         instruct_lr=1e-3,
+        chat_steps=chat_steps,
+        chat_lr=5e-4,
         batch_size=4,
         lr=1e-3,
         warmup=1,
@@ -87,26 +89,28 @@ def _base_args(world, out, steps, instruct_steps=0):
 def test_resume_after_crash_continues_the_same_run(
     tiny_world, tmp_path, monkeypatch, crash_training_at
 ):
-    """Pretraining (steps 1-2), then instruction tuning (3-6), killed at its third step."""
-    train.train_base(_base_args(tiny_world, tmp_path / "straight", 2, instruct_steps=4))
+    """Pretraining (steps 1-2), instruction tuning (3-6), then chat tuning (7-8), killed at
+    instruction tuning's third step."""
+    phases = dict(instruct_steps=4, chat_steps=2)
+    train.train_base(_base_args(tiny_world, tmp_path / "straight", 2, **phases))
     crash_training_at(3)  # a step of instruction tuning only: pretraining has steps 0-1
     with pytest.raises(KeyboardInterrupt):
-        train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, instruct_steps=4))
+        train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, **phases))
     partial = train.partial_dir(tmp_path / "resumed")
     assert (partial / train.CHECKPOINT_DIR / "state.pt").exists()
     monkeypatch.undo()
-    train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, instruct_steps=4))
+    train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, **phases))
 
     straight = pd.read_csv(tmp_path / "straight" / "losses.csv")
     resumed = pd.read_csv(tmp_path / "resumed" / "losses.csv")
     pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
-    assert resumed["step"].tolist() == [1, 2, 3, 4, 5, 6]
-    # the held-out learning curve: scored at steps 2 and 4 (6 is the final score), once each
+    assert resumed["step"].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    # the held-out learning curve: scored at steps 2, 4 and 6 (8 is the final score), once each
     curves = [
         pd.read_json(tmp_path / run / train.LEARNING_CURVE, lines=True)
         for run in ("straight", "resumed")
     ]
-    assert curves[0]["step"].tolist() == [2, 4]
+    assert curves[0]["step"].tolist() == [2, 4, 6]
     pd.testing.assert_frame_equal(*curves)
     assert set(curves[0]["text_accuracy_by_question_type"][0]) <= set(scenes.QUESTIONS)
     a = load_file(tmp_path / "straight" / "model.safetensors")

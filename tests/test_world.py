@@ -9,8 +9,8 @@ import pytest
 from vlmlayers import prompts
 from vlmlayers.cli import main
 from vlmlayers.data import image_of
-from vlmlayers.world import scenes
-from vlmlayers.world.chat import render_chat
+from vlmlayers.world import scenes, train
+from vlmlayers.world.chat import REPLY_START, render_chat
 from vlmlayers.world.tokenizer import build_processor, build_tokenizer, words_of
 
 
@@ -160,3 +160,32 @@ def test_statements_are_true_of_their_scene():
                 assert rest in (thing.colour, thing.size)
             else:  # "the circle is left of the square", "... bigger than ..."
                 assert scenes.relation_holds(words[3], thing, by_shape[words[-1]]), sentence
+
+
+def test_chat_texts_put_a_caption_where_the_image_goes():
+    """Chat tuning's conversations are the image form (question + suffix, "Answer:") or the
+    captioning request, a caption of the scene in the image's place; the loss starts after
+    REPLY_START, so it covers exactly the answer or the reply caption."""
+    tokenizer = build_tokenizer(scenes.vocabulary_texts())
+    texts = scenes.chat_texts(40, np.random.default_rng(0))
+    reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
+    for text in texts:
+        prompt, reply = (part.strip() for part in text.split(REPLY_START))
+        body, answer = prompt.removeprefix("user : "), reply.removesuffix("</s>").strip()
+        if prompts.CAPTION_REQUEST in body:  # "<caption> Describe the image briefly."
+            caption = body.removesuffix(f" {prompts.CAPTION_REQUEST}")
+            expected = prompts.caption_messages()
+        else:  # "<caption> <question>\n<suffix>" then "Answer: <answer>"
+            caption, question = body.split(" . ", 1)
+            caption += " ."
+            expected = prompts.image_messages(question.removesuffix(f"\n{prompts.SUFFIX}"))
+            answer = answer.removeprefix(prompts.ANSWER_PREFIX).strip()
+        # the image form's words, the caption standing where the image is
+        image_form = render_chat(prompts.with_answer(expected, answer))
+        assert text == image_form.replace(" <image>", f" {caption}")
+        ids = tokenizer(text)["input_ids"]
+        labels = train.packed_batch([[ids]], tokenizer.pad_token_id, reply_start)["labels"][0]
+        scored = tokenizer.convert_ids_to_tokens(labels[labels != -100])
+        assert scored == tokenizer.tokenize(reply)
+    kinds = [prompts.CAPTION_REQUEST in t for t in texts]
+    assert sum(kinds) == len(texts) // 2

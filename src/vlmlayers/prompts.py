@@ -68,8 +68,11 @@ def caption_messages() -> list[Message]:
 
 
 def with_answer(messages: list[Message], answer: str) -> list[Message]:
-    """The same conversation with the prefilled reply completed by ``answer`` (for training)."""
+    """The same conversation with the prefilled reply completed by ``answer``, or with
+    ``answer`` as the reply where none is prefilled (for training)."""
     *head, last = messages
+    if last["role"] != "assistant":
+        return [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     text = last["content"][-1]["text"]
     return [*head, {**last, "content": [{"type": "text", "text": f"{text} {answer}"}]}]
 

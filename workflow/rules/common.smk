@@ -334,6 +334,8 @@ def training_args(section):
         "repeat_share",
         "instruct_steps",
         "instruct_lr",
+        "chat_steps",
+        "chat_lr",
         "eval_every",
     )
     return " ".join(

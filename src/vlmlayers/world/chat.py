@@ -9,6 +9,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 IMAGE = "<image>"
 
 # Turns render as "user : ... assistant : ..."; a finished assistant turn ends with </s>.
+REPLY_START = "assistant :"  # what every reply follows (the chat-tuning loss starts after it)
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ message['role'] }} :"

@@ -438,6 +438,31 @@ def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> pd.DataFr
     return pd.DataFrame({"text": texts, "objects": objects})
 
 
+def chat_texts(n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` conversations in the forms a VLM is asked in, a caption standing where the image
+    goes: alternately a question with the image form's words (``prompts.image_prompt``) and the
+    captioning request answered by another paraphrase. The base LM's chat tuning
+    (``train_base --chat-steps``): a chat LLM has met a question or request after some
+    context, while the corpus's QA only ever follows the text form's numbered descriptions."""
+    types = list(QUESTIONS)
+    texts = []
+    for i in range(n):
+        scene = random_scene(rng)
+        captions = scene.captions(rng)
+        rng.shuffle(captions)
+        if i % 2:
+            messages = prompts.chat(f"{captions[0]} {prompts.CAPTION_REQUEST}", prefill=None)
+            reply = captions[1]
+        else:
+            asked = None
+            while asked is None:
+                asked = ask(scene, types[int(rng.integers(len(types)))], rng)
+            question, reply, _ = asked
+            messages = prompts.chat(f"{captions[0]} {prompts.image_prompt(question)}")
+        texts.append(render_chat(prompts.with_answer(messages, reply)))
+    return texts
+
+
 def vocabulary_texts() -> list[str]:
     """Texts holding every word the world can produce (captions, questions, answers, facts,
     prompts), so the tokenizer is a function of this module alone, whatever the split sizes

@@ -42,6 +42,7 @@ from vlmlayers import prompts
 from vlmlayers.io import atomic_path, hash_files, hash_tree, write_json
 from vlmlayers.runtime import seed_everything, setup_torch
 from vlmlayers.world import scenes
+from vlmlayers.world.chat import REPLY_START
 from vlmlayers.world.tokenizer import build_processor, build_tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
@@ -204,9 +205,14 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     ``--curriculum`` only texts about one object (and facts); the rest the corpus with
     ``--repeat-share`` more lists. Instruction tuning (``--instruct-steps``, its own warm-up and
     schedule at ``--instruct-lr``): half of each batch the corpus's text-form QA with the loss on
-    the reply only, half the rest of the pretraining mix. models/tinyworld/README.md has what
-    each phase did: without the lists no lookup formed in a caption, and without the
-    instruction loss the QA did not use the lookups the statements had taught."""
+    the reply only, half the rest of the pretraining mix. Chat tuning (``--chat-steps`` at
+    ``--chat-lr``, as Vicuna was tuned on conversations): half of each batch
+    ``scenes.chat_texts`` (a description where the VLM gets the image, then a question or the
+    captioning request), a quarter text-form QA, a quarter the rest, the loss on every reply.
+    models/tinyworld/README.md has what each phase did: without the lists no lookup formed in
+    a caption, without the instruction loss the QA did not use the lookups the statements had
+    taught, and without chat tuning stage 1 did not learn to pass colours on and `aligned`
+    did not answer in the image form."""
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
@@ -259,11 +265,24 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         rows += packed_rows(not_qa, rng, args.batch_size - half, args.context)
         return packed_batch(rows, tokenizer.pad_token_id, reply_after)
 
+    chat_rng = np.random.default_rng([args.seed, CHAT_TEXTS])
+    chat = scenes.chat_texts(CHAT_TEXTS, chat_rng) if args.chat_steps else []
+    chat = tokenizer(chat, add_special_tokens=True)["input_ids"] if chat else []
+    reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
+
+    def chat_batch(step: int) -> dict:
+        rng = batch_rng(args.seed, args.steps + args.instruct_steps + step)
+        quarter = args.batch_size // 4
+        rows = packed_rows(chat, rng, args.batch_size - 2 * quarter, args.context)
+        rows += packed_rows(qa, rng, quarter, args.context)
+        rows += packed_rows(not_qa, rng, quarter, args.context)
+        return packed_batch(rows, tokenizer.pad_token_id, reply_start)
+
     heldout_file = args.world / "test.parquet"
     heldout = pd.read_parquet(heldout_file) if heldout_file.exists() else None
     curve = partial_dir(args.out) / LEARNING_CURVE
 
-    total = args.steps + args.instruct_steps
+    total = args.steps + args.instruct_steps + args.chat_steps
 
     def score_curve(step: int) -> None:
         if heldout is None or not args.eval_every or step % args.eval_every or step == total:
@@ -285,13 +304,20 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         model, pretrain_batch, args.out, desc="base LM", on_checkpoint=score_curve,
         **schedule(args),
     )  # fmt: skip
-    if args.instruct_steps:
+    tuning = (
+        ("instruct", "instruction tuning", instruct_batch, args.instruct_steps, args.instruct_lr),
+        ("chat", "chat tuning", chat_batch, args.chat_steps, args.chat_lr),
+    )
+    for name, desc, make_batch, steps, lr in tuning:
+        if not steps:
+            continue
+        done = int(log["step"].iloc[-1])
         tuned = fit(
-            model, instruct_batch, partial_dir(args.out) / "instruct", desc="instruction tuning",
-            on_checkpoint=lambda step: score_curve(args.steps + step),
-            **{**schedule(args), "steps": args.instruct_steps, "lr": args.instruct_lr},
+            model, make_batch, partial_dir(args.out) / name, desc=desc,
+            on_checkpoint=lambda step, done=done: score_curve(done + step),
+            **{**schedule(args), "steps": steps, "lr": lr},
         )  # fmt: skip
-        tuned["step"] += args.steps
+        tuned["step"] += done
         tuned["seconds"] += log["seconds"].iloc[-1]
         log = pd.concat([log, tuned], ignore_index=True)
     meta = {
@@ -307,6 +333,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
 LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA during base-LM pretraining
 CURVE_QUESTIONS = 220  # the first rows of test.parquet: 20 of each question type
 REPEAT_LENGTHS = (3, 25)  # words in each of the base LM's repeated_lists
+CHAT_TEXTS = 20000  # scenes.chat_texts drawn for chat tuning
 
 
 def world_words(tokenizer) -> np.ndarray:
@@ -672,6 +699,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="base: instruction-tuning steps after pretraining (loss on text-form QA replies)",
     )
     parser.add_argument("--instruct-lr", type=float, default=1e-3, help="base: their peak lr")
+    parser.add_argument(
+        "--chat-steps",
+        type=int,
+        default=0,
+        help="base: chat-tuning steps after instruction tuning (a description, then a question "
+        "or the captioning request; the loss on the replies)",
+    )
+    parser.add_argument("--chat-lr", type=float, default=5e-4, help="base: their peak lr")
     parser.add_argument(
         "--eval-every",
         type=int,
