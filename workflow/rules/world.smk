@@ -51,7 +51,7 @@ rule pretrain_base:
     threads: THREADS
     resources:
         mem_mb=4000,
-        # the shipped budget: 5.5 minutes on one GPU, about 3.3 hours on 2 CPU cores
+        # the shipped budget: about 6 minutes on one GPU, 3.4 hours on 2 CPU cores
         runtime=30 if WORLD_GPU else 240,
         gpu=WORLD_GPU,
     params:
