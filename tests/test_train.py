@@ -86,14 +86,18 @@ def _base_args(world, out, steps, instruct_steps=0, chat_steps=0):
     )
 
 
+@pytest.mark.parametrize(
+    "phases",
+    [dict(instruct_steps=4, chat_steps=2), dict(instruct_steps=2, chat_steps=4)],
+    ids=["killed-in-instruction-tuning", "killed-in-chat-tuning"],
+)
 def test_resume_after_crash_continues_the_same_run(
-    tiny_world, tmp_path, monkeypatch, crash_training_at
+    phases, tiny_world, tmp_path, monkeypatch, crash_training_at
 ):
-    """Pretraining (steps 1-2), instruction tuning (3-6), then chat tuning (7-8), killed at
-    instruction tuning's third step."""
-    phases = dict(instruct_steps=4, chat_steps=2)
+    """Pretraining (steps 1-2), then instruction and chat tuning (6 steps between them), killed
+    at the third step of whichever tuning phase has four."""
     train.train_base(_base_args(tiny_world, tmp_path / "straight", 2, **phases))
-    crash_training_at(3)  # a step of instruction tuning only: pretraining has steps 0-1
+    crash_training_at(3)  # only the phase with 4 steps reaches its step 3
     with pytest.raises(KeyboardInterrupt):
         train.train_base(_base_args(tiny_world, tmp_path / "resumed", 2, **phases))
     partial = train.partial_dir(tmp_path / "resumed")

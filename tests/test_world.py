@@ -165,7 +165,7 @@ def test_statements_are_true_of_their_scene():
 def test_chat_texts_put_a_caption_where_the_image_goes():
     """Chat tuning's conversations are the image form (question + suffix, "Answer:") or the
     captioning request, a caption of the scene in the image's place; the loss starts after
-    REPLY_START, so it covers exactly the answer or the reply caption."""
+    REPLY_START, so it covers the reply ("Answer: <answer>" or another paraphrase)."""
     tokenizer = build_tokenizer(scenes.vocabulary_texts())
     texts = scenes.chat_texts(40, np.random.default_rng(0))
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
@@ -175,6 +175,7 @@ def test_chat_texts_put_a_caption_where_the_image_goes():
         if prompts.CAPTION_REQUEST in body:  # "<caption> Describe the image briefly."
             caption = body.removesuffix(f" {prompts.CAPTION_REQUEST}")
             expected = prompts.caption_messages()
+            assert answer != caption  # another paraphrase, not a copy
         else:  # "<caption> <question>\n<suffix>" then "Answer: <answer>"
             caption, question = body.split(" . ", 1)
             caption += " ."
@@ -184,6 +185,7 @@ def test_chat_texts_put_a_caption_where_the_image_goes():
         image_form = render_chat(prompts.with_answer(expected, answer))
         assert text == image_form.replace(" <image>", f" {caption}")
         ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
         labels = train.packed_batch([[ids]], tokenizer.pad_token_id, reply_start)["labels"][0]
         scored = tokenizer.convert_ids_to_tokens(labels[labels != -100])
         assert scored == tokenizer.tokenize(reply)

@@ -8,8 +8,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 IMAGE = "<image>"
 
-# Turns render as "user : ... assistant : ..."; a finished assistant turn ends with </s>.
 REPLY_START = "assistant :"  # what every reply follows (the chat-tuning loss starts after it)
+
+# Turns render as "user : ... assistant : ..."; a finished assistant turn ends with </s>.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ message['role'] }} :"

@@ -12,7 +12,8 @@ Deterministic from ``--seed``. Writes, in the dataset contract (``vlmlayers.data
 ``test.parquet`` (the held-out benchmark: sub-tasks ``vision`` and ``knowledge``),
 ``analysis.parquet`` (distinct scenes with one question each, for extraction, probes and
 geometry), ``corpus.parquet`` (text-only pretraining corpus for the base LM) and ``world.json``
-(the settings it was built with, which the base LM's manifest records).
+(the settings it was built with, which the base LM's manifest records). ``chat_texts`` (the
+base LM's chat tuning) are not written: ``train_base`` draws them from its own seed.
 """
 
 from __future__ import annotations

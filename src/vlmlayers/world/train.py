@@ -1,7 +1,8 @@
 """Train the tiny world's checkpoints with real Hugging Face classes (saved by ``save_pretrained``).
 
 Steps (``vlmlayers train <step>``):
-  base     Llama-style LM on the text corpus (full-sequence loss, untied embeddings)
+  base     Llama-style LM pretrained on the text corpus (full-sequence loss), then instruction-
+           and chat-tuned (loss on replies); untied embeddings
   vision   CLIP-style vision tower: attribute heads on its patch tokens, every combination seen
   stage1   LLaVA stage 1 = ``aligned``: projector only (LM and tower frozen), image captioning
   stage2   LLaVA stage 2 = ``tuned``: projector + LM (or a band of its layers) on VQA
@@ -208,7 +209,9 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     the reply only, half the rest of the pretraining mix. Chat tuning (``--chat-steps`` at
     ``--chat-lr``, as Vicuna was tuned on conversations): half of each batch
     ``scenes.chat_texts`` (a description where the VLM gets the image, then a question or the
-    captioning request), a quarter text-form QA, a quarter the rest, the loss on every reply.
+    captioning request), a quarter text-form QA, a quarter the rest; the loss on everything
+    after "assistant :" (``chat.REPLY_START``, so "Answer:" too) and on the whole of the rest.
+    Each tuning phase warms up over ``--warmup`` steps, as pretraining does.
     models/tinyworld/README.md has what each phase did: without the lists no lookup formed in
     a caption, without the instruction loss the QA did not use the lookups the statements had
     taught, and without chat tuning stage 1 did not learn to pass colours on and `aligned`
@@ -265,9 +268,11 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         rows += packed_rows(not_qa, rng, args.batch_size - half, args.context)
         return packed_batch(rows, tokenizer.pad_token_id, reply_after)
 
-    chat_rng = np.random.default_rng([args.seed, CHAT_TEXTS])
-    chat = scenes.chat_texts(CHAT_TEXTS, chat_rng) if args.chat_steps else []
-    chat = tokenizer(chat, add_special_tokens=True)["input_ids"] if chat else []
+    chat = []
+    if args.chat_steps:
+        chat_rng = np.random.default_rng([args.seed, CHAT_TEXTS])
+        chat = scenes.chat_texts(CHAT_TEXTS, chat_rng)
+        chat = tokenizer(chat, add_special_tokens=True)["input_ids"]
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
 
     def chat_batch(step: int) -> dict:
@@ -330,7 +335,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     finish(model, tokenizer, args.out, log, meta, keep=(LEARNING_CURVE,))
 
 
-LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA during base-LM pretraining
+LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA along all base-LM phases
 CURVE_QUESTIONS = 220  # the first rows of test.parquet: 20 of each question type
 REPEAT_LENGTHS = (3, 25)  # words in each of the base LM's repeated_lists
 CHAT_TEXTS = 20000  # scenes.chat_texts drawn for chat tuning
