@@ -261,8 +261,10 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         rows = packed_rows(texts, batch_rng(args.seed, step), args.batch_size, args.context)
         return packed_batch(rows, tokenizer.pad_token_id)
 
+    # The tuning phases' batch functions take the step counted from the start of pretraining,
+    # so that each phase draws batches no other phase draws.
     def instruct_batch(step: int) -> dict:
-        rng = batch_rng(args.seed, args.steps + step)
+        rng = batch_rng(args.seed, step)
         half = args.batch_size // 2
         rows = packed_rows(qa, rng, half, args.context)
         rows += packed_rows(not_qa, rng, args.batch_size - half, args.context)
@@ -276,7 +278,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
 
     def chat_batch(step: int) -> dict:
-        rng = batch_rng(args.seed, args.steps + args.instruct_steps + step)
+        rng = batch_rng(args.seed, step)
         quarter = args.batch_size // 4
         rows = packed_rows(chat, rng, args.batch_size - 2 * quarter, args.context)
         rows += packed_rows(qa, rng, quarter, args.context)
@@ -318,7 +320,8 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
             continue
         done = int(log["step"].iloc[-1])
         tuned = fit(
-            model, make_batch, partial_dir(args.out) / name, desc=desc,
+            model, lambda step, f=make_batch, done=done: f(done + step),
+            partial_dir(args.out) / name, desc=desc,
             on_checkpoint=lambda step, done=done: score_curve(done + step),
             **{**schedule(args), "steps": steps, "lr": lr},
         )  # fmt: skip
