@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from vlmlayers import config as cfg
 from vlmlayers.cli import main
 from vlmlayers.config import ConfigError, load
+from vlmlayers.world import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
@@ -304,3 +306,28 @@ def test_every_schema_ref_resolves():
     refs += [SCHEMA["properties"]["models"]["additionalProperties"]["$ref"]]
     for ref in refs:
         assert ref.removeprefix("#/$defs/") in SCHEMA["$defs"], ref
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser
+
+
+def test_every_training_key_is_a_train_flag():
+    # A key the schema allows but `vlmlayers train` lacks would fail every training job.
+    flags = _train_parser()._option_string_actions
+    keys = SCHEMA["$defs"]["training"]["properties"]
+    missing = [k for k in keys if f"--{k.replace('_', '-')}" not in flags]
+    assert missing == [], f"training keys with no `vlmlayers train` flag: {missing}"
+
+
+@pytest.mark.parametrize("section", ["base_lm", "vision", "stage1", "stage2"])
+def test_training_flags_pass_every_value_of_the_section(section):
+    world = load(ROOT / "config" / "config.yaml")["world"]
+    flags = cfg.training_flags(world[section])
+    args = _train_parser().parse_args(["base", "--out", "x", *flags.split()])
+    passed = {k: v for k, v in world[section].items() if k != "checkpoint_every"}
+    assert passed, section
+    assert {k: getattr(args, k) for k in passed} == passed
+    assert "--checkpoint-every" not in flags  # the rule passes the section's or the world's

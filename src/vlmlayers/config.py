@@ -72,6 +72,18 @@ def validate(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str 
     return config
 
 
+def training_flags(section: dict, schema_path: str | os.PathLike = SCHEMA) -> str:
+    """``vlmlayers train`` flags for one training section of the world config: every key of
+    the schema's ``$defs.training`` that the section sets, in the schema's order, but
+    ``checkpoint_every`` (the workflow passes the section's or ``world.checkpoint_every``)."""
+    keys = yaml.safe_load(Path(schema_path).read_text())["$defs"]["training"]["properties"]
+    return " ".join(
+        f"--{key.replace('_', '-')} {section[key]}"
+        for key in keys
+        if key != "checkpoint_every" and section.get(key) is not None
+    )
+
+
 def load(path: str | os.PathLike) -> dict:
     with open(path) as fh:
         return validate(yaml.safe_load(fh) or {}, source=str(path))

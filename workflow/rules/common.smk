@@ -4,9 +4,10 @@ import os
 import shlex
 from pathlib import Path
 
-from vlmlayers.config import validate
+from vlmlayers.config import training_flags, validate
 
-validate(config, workflow.source_path("../schemas/config.schema.yaml"), source="config")
+CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+validate(config, CONFIG_SCHEMA, source="config")
 
 RESULTS = config["results_dir"]
 WORLD = config["world"]
@@ -315,34 +316,6 @@ def all_targets():
             targets.append(f"{RESULTS}/geometry/{model}/{dataset}.parquet")
     targets += figure_targets()
     return targets
-
-
-def training_args(section):
-    """CLI flags of one training section of the world config."""
-    keys = (
-        "steps",
-        "batch_size",
-        "lr",
-        "warmup",
-        "layers",
-        "hidden",
-        "heads",
-        "n_images",
-        "context",
-        "curriculum",
-        "induction_steps",
-        "repeat_share",
-        "instruct_steps",
-        "instruct_lr",
-        "chat_steps",
-        "chat_lr",
-        "eval_every",
-    )
-    return " ".join(
-        f"--{k.replace('_', '-')} {section[k]}"
-        for k in keys
-        if section.get(k) is not None
-    )
 
 
 def stores(wildcards):

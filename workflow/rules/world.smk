@@ -58,7 +58,7 @@ rule pretrain_base:
     params:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
-        args=training_args(WORLD["base_lm"]) if WORLD else "",
+        args=training_flags(WORLD["base_lm"], CONFIG_SCHEMA) if WORLD else "",
         every=checkpoint_every("base_lm"),
         code=code_version(
             "world/train.py",
@@ -91,7 +91,7 @@ rule pretrain_vision:
         gpu=WORLD_GPU,
     params:
         seed=config["seed"],
-        args=training_args(WORLD["vision"]) if WORLD else "",
+        args=training_flags(WORLD["vision"], CONFIG_SCHEMA) if WORLD else "",
         every=checkpoint_every("vision"),
         size=(
             f"--image-size {WORLD['image_size']} --patch {WORLD['patch_size']}"
@@ -130,7 +130,7 @@ rule stage1:
         world=lambda wc, input: os.path.dirname(input.world),
         base=lambda wc: pretrained("base"),
         vision=lambda wc: pretrained("vision"),
-        args=training_args(WORLD["stage1"]) if WORLD else "",
+        args=training_flags(WORLD["stage1"], CONFIG_SCHEMA) if WORLD else "",
         every=checkpoint_every("stage1"),
         size=(
             f"--image-size {WORLD['image_size']} --patch {WORLD['patch_size']}"
@@ -168,7 +168,7 @@ rule stage2:
         seed=config["seed"],
         world=lambda wc, input: os.path.dirname(input.world),
         aligned=lambda wc: f"{RESULTS}/models/aligned",
-        args=training_args(WORLD["stage2"]) if WORLD else "",
+        args=training_flags(WORLD["stage2"], CONFIG_SCHEMA) if WORLD else "",
         every=checkpoint_every("stage2"),
         code=code_version("world/train.py", "prompts.py"),
     shell:
