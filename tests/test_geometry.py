@@ -78,6 +78,41 @@ def test_id_of_curved_surfaces_batched():
     assert profile.id == pytest.approx(np.full((2, 4), 2.0), rel=0.1)
 
 
+def test_twonn_by_decimation_looks_past_small_scale_noise():
+    # A plane in 12-D with a little isotropic noise (Facco et al. 2017, Fig. 3): on all points
+    # TwoNN counts the noise's dimensions too; on sparser subsets it finds the plane, as GRIDE
+    # does at the same neighbour rank.
+    rng = np.random.default_rng(0)
+    plane = rng.uniform(size=(2000, 2)) @ rng.normal(size=(2, 12))
+    x = plane + 0.01 * rng.normal(size=plane.shape)
+    scaling = geometry.twonn_scaling(x)
+    assert list(scaling.scale) == [2, 4, 8, 16, 32, 64]
+    assert scaling.id[0] == geometry.twonn(x) and scaling.id[0] > 4
+    assert (np.diff(scaling.id) < 0).all()
+    assert scaling.id[-1] == pytest.approx(2, abs=0.2)
+    assert scaling.id[-1] == pytest.approx(geometry.gride(x).id[-1], abs=0.2)
+    assert np.isnan(scaling.error[0]) and (scaling.error[1:] > 0).all()
+
+
+def test_twonn_scaling_draws_the_same_subsets_for_every_layer_and_rerun():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 300, 6))
+    layers = geometry.twonn_scaling(x, range_max=16, seed=1)
+    assert layers.id.shape == layers.error.shape == (3, 4) and list(layers.scale) == [2, 4, 8, 16]
+    for i in range(3):
+        alone = geometry.twonn_scaling(x[i], range_max=16, seed=1)
+        assert np.array_equal(alone.id, layers.id[i])
+    twins = geometry.twonn_scaling(np.stack([x[0], x[0]]), range_max=16, seed=1)
+    assert np.array_equal(twins.id[0], twins.id[1])  # one set of subsets for all layers
+    other = geometry.twonn_scaling(x, range_max=16, seed=2)
+    assert np.array_equal(other.id[:, 0], layers.id[:, 0])  # all points: no draw
+    assert not np.allclose(other.id[:, 1:], layers.id[:, 1:])
+    assert list(geometry.twonn_scaling(x[0], range_max=2).scale) == [2]
+    assert list(geometry.twonn_scaling(x[0, :25]).scale) == [2, 4]  # subsets > n_min = 10 points
+    with pytest.raises(ValueError, match="more than n_min = 10 points, got 10"):
+        geometry.twonn_scaling(x[0, :10])
+
+
 def test_overlap_identical_and_independent():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(1000, 30))
@@ -385,7 +420,8 @@ def test_stage_end_to_end(tmp_path):
             "geometry", "--model", "tiny-tuned",
             "--image", str(stores["image"]), "--text", str(stores["text"]),
             "--labels", str(labels), "--poolings", "last", "--k", "5", "--heads",
-            "--n-permutations", "19", "--gride-range-max", "16", "--n-boot", "200",
+            "--n-permutations", "19", "--gride-range-max", "16", "--twonn-range-max", "8",
+            "--n-boot", "200",
             "--seed", "3", "--out", str(out),
         ]
     )  # fmt: skip
@@ -425,8 +461,11 @@ def test_stage_end_to_end(tmp_path):
     assert colour_overlap.value == 1.0 and colour_overlap.n == n
     chance = row(1, "text", "baseline_overlap:question_type")
     assert chance.ci_low <= chance.value <= chance.ci_high
-    assert row(3, "image", "id_twonn").relative_depth == 1.0
-    assert row(1, "image", "id_twonn").value == pytest.approx(3, rel=0.25)
+    assert row(3, "image", "id_twonn", 2).relative_depth == 1.0
+    assert row(1, "image", "id_twonn", 2).value == pytest.approx(3, rel=0.25)
+    twonn = table[(table.metric == "id_twonn") & (table.layer == 1) & (table.modality == "image")]
+    assert list(twonn.scale) == [2, 4, 8]  # all points, then subsets of 1/2 and 1/4 of them
+    assert twonn.ci_low.iloc[1:].lt(twonn.value.iloc[1:]).all() and twonn.ci_low.isna().iloc[0]
     gride = table[(table.metric == "id_gride") & (table.layer == 1) & (table.modality == "image")]
     assert list(gride.scale) == [2, 4, 8, 16]
     assert (gride.ci_low < gride.value).all() and (gride.value < gride.ci_high).all()

@@ -45,7 +45,9 @@ def geometry_table() -> pd.DataFrame:
     for model in ("base", "aligned", "tuned"):
         modalities = ["text"] if model == "base" else ["image", "text"]
         for modality in modalities:
-            add(model, modality, "id_twonn", np.nan, lambda layer: 3 + np.sin(layer), ci=np.nan)
+            add(model, modality, "id_twonn", 2.0, lambda layer: 3 + np.sin(layer), ci=np.nan)
+            for scale in (4.0, 32.0):
+                add(model, modality, "id_twonn", scale, lambda layer: 3 + np.cos(layer))
             for scale in (16.0, 32.0):
                 add(model, modality, "id_gride", scale, lambda layer: 4 + np.sin(layer / 2))
             add(model, modality, "baseline_overlap:question_type", 30.0, lambda layer: 0.3)
@@ -237,6 +239,18 @@ def test_figure_without_the_needed_rows_says_why(tmp_path):
     assert NOT_MEASURED in svg and "mean_image" in svg
     svg = draw(tmp_path, "id", geometry.assign(value=np.nan))
     assert NOT_MEASURED in svg and "finite" in svg
+
+
+def test_id_figure_shows_twonn_on_all_points_and_both_estimators_at_the_scale(tmp_path):
+    geometry = geometry_table()
+    svg = draw(tmp_path, "id", geometry)
+    for title in ("TwoNN (all points)", "TwoNN (scale n2 = 32)", "GRIDE (scale n2 = 32)"):
+        assert title in svg
+    svg = draw(tmp_path, "id", geometry, "--scale", "16")  # the nearest of each estimator
+    assert "TwoNN (scale n2 = 4)" in svg and "GRIDE (scale n2 = 16)" in svg
+    twonn = geometry["metric"] == "id_twonn"
+    svg = draw(tmp_path, "id", geometry[~twonn | (geometry["scale"] == 2)])  # all points only
+    assert "TwoNN (all points)" in svg and "TwoNN (scale" not in svg
 
 
 def test_colours_follow_roles_and_are_distinct():

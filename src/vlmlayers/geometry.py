@@ -2,31 +2,34 @@
 
 For every modality store given (``--image``, ``--text``; see ``vlmlayers.activations``), every
 tap of ``--taps`` (``residual`` by default; e.g. ``mlp_out``) and every pooling, per layer: the
-intrinsic-dimension profile (TwoNN; GRIDE at scales n2 = 2, 4, ..., ``--gride-range-max``), the
-dataset-level matrix entropy (``entropy``, alpha 1), the mean per-prompt entropy
-(``prompt_entropy``) when the store has ``prompt_entropy.parquet``, and, with ``--labels``, the
-label overlap of each ``labels.*`` column (the ``--baseline-label``, ``question_type`` by default,
-is reported as the question-identity baseline row). With both stores (modality ``image~text``):
-neighbourhood overlap, information imbalance both ways, linear CKA, SVCCA (``svcca``), ID
-correlation (``id_correlation``, its permutation p value ``id_correlation_p``), the median
-per-sample image-text cosine (``modality_cosine``) and the homogeneity of the density-peak
-clusters of the joint set w.r.t. modality (``adp_homogeneity``). With ``--heads``, for every
-``head.HH`` tap in both stores: image~text ``neighbour_overlap`` and ``cka_linear`` per layer (a
-layer x head matrix). Layer 0 at the ``last`` pooling is the same embedding for every sample and
-is skipped unless ``--no-skip-layer-zero``.
+intrinsic-dimension profile at scales n2 = 2, 4, ... (GRIDE up to ``--gride-range-max``; TwoNN
+by decimation up to ``--twonn-range-max``, n2 = 2 being all points), the dataset-level matrix
+entropy (``entropy``, alpha 1), the mean per-prompt entropy (``prompt_entropy``) when the store
+has ``prompt_entropy.parquet``, and, with ``--labels``, the label overlap of each ``labels.*``
+column (the ``--baseline-label``, ``question_type`` by default, is reported as the
+question-identity baseline row). With both stores (modality ``image~text``): neighbourhood
+overlap, information imbalance both ways, linear CKA, SVCCA (``svcca``), ID correlation
+(``id_correlation``, its permutation p value ``id_correlation_p``), the median per-sample
+image-text cosine (``modality_cosine``) and the homogeneity of the density-peak clusters of the
+joint set w.r.t. modality (``adp_homogeneity``). With ``--heads``, for every ``head.HH`` tap in
+both stores: image~text ``neighbour_overlap`` and ``cka_linear`` per layer (a layer x head
+matrix). Layer 0 at the ``last`` pooling is the same embedding for every sample and is skipped
+unless ``--no-skip-layer-zero``.
 
 Output: one tidy Parquet (layer, relative_depth, model, modality, pooling, tap, metric, scale,
-value, ci_low, ci_high, n, seed). ``scale`` is k for overlaps and imbalance, the GRIDE rank n2
-(the study reads n1=16/n2=32, i.e. scale 32), the variance kept for SVCCA (0.99), the number of
-permutations for ``id_correlation_p``, Z for ``adp_homogeneity``, NaN otherwise. CIs of means
-(overlaps, ``prompt_entropy``) and of the median cosine are percentile bootstraps over samples;
-GRIDE's CI is its estimate +- 1.96 x the Fisher-information standard error (DADApy's).
+value, ci_low, ci_high, n, seed). ``scale`` is k for overlaps and imbalance, the neighbour rank
+n2 of GRIDE and TwoNN (the study reads GRIDE's n1=16/n2=32, i.e. scale 32), the variance kept
+for SVCCA (0.99), the number of permutations for ``id_correlation_p``, Z for ``adp_homogeneity``,
+NaN otherwise. CIs of means (overlaps, ``prompt_entropy``) and of the median cosine are
+percentile bootstraps over samples; GRIDE's CI is its estimate +- 1.96 x the Fisher-information
+standard error (DADApy's), TwoNN's +- 1.96 x the standard error over its subsets (none at n2=2).
 
 Estimators (one function each, arrays in, numbers out, all layers at once with torch):
-``twonn``, ``gride``, ``neighbourhood_overlap``, ``label_overlap``, ``information_imbalance``,
-``linear_cka``, ``matrix_entropy``, ``svcca``, ``density_peaks``. Each takes an ``(N, D)`` array
-(-> a number), an ``(L, N, D)`` array or a list of per-layer arrays (-> one value per layer), or
-a precomputed ``pairwise(...)`` so that one Gram matrix per layer serves every estimator.
+``twonn``, ``twonn_scaling``, ``gride``, ``neighbourhood_overlap``, ``label_overlap``,
+``information_imbalance``, ``linear_cka``, ``matrix_entropy``, ``svcca``, ``density_peaks``.
+Each takes an ``(N, D)`` array (-> a number), an ``(L, N, D)`` array or a list of per-layer
+arrays (-> one value per layer), or a precomputed ``pairwise(...)`` so that one Gram matrix per
+layer serves every estimator.
 ``paired_cosine``, ``id_correlation`` and ``adp_homogeneity`` need the coordinates (arrays
 only). Distances are Euclidean, from the Gram matrix of the centred points, in float64 by default
 (validation grade; float32 is an option for GPUs). Exact duplicate points are dropped before any
@@ -74,9 +77,9 @@ class TooFewPointsWarning(UserWarning):
     """A layer has too few distinct points for an estimator; its value is NaN."""
 
 
-class GrideProfile(NamedTuple):
-    """GRIDE intrinsic dimension per scale: ``id`` and ``error`` are ``(S,)`` for one layer or
-    ``(L, S)``; ``scale`` is the rank n2 = 2 n1 of each estimate, ``(S,)``."""
+class IdScaling(NamedTuple):
+    """Intrinsic dimension per scale (GRIDE, decimated TwoNN): ``id`` and ``error`` are ``(S,)``
+    for one layer or ``(L, S)``; ``scale`` is the neighbour rank n2 of each estimate, ``(S,)``."""
 
     id: np.ndarray
     error: np.ndarray
@@ -232,6 +235,32 @@ def twonn(
     return _apply(lambda p: _twonn(p, fraction), [X], device, dtype)
 
 
+def twonn_scaling(
+    X: ArrayLike | Pairwise,
+    *,
+    fraction: float = 0.9,
+    range_max: int = 64,
+    n_min: int = 10,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float64,
+) -> IdScaling:
+    """TwoNN at growing scales by decimation (Facco et al. 2017, Sci. Rep. 7:12140; DADApy's
+    ``return_id_scaling_2NN``): at scale n2 = 2^(i+1) <= ``range_max``, the mean TwoNN of about
+    2^i random subsets of round(N / 2^i) points (more than ``n_min``, the same subsets for every
+    layer), whose second neighbours lie about as far as the n2-th neighbours of all the points.
+    n2 = 2 is :func:`twonn` on all points. ``error`` is the standard error over the subsets
+    (NaN at n2 = 2: one subset). Drawn from ``seed`` alone, so reruns agree."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n_points = X.n_points if isinstance(X, Pairwise) else _n_points(X)
+    sizes = _decimated_sizes(n_points, range_max, n_min)
+    if not sizes:
+        raise ValueError(f"TwoNN needs more than n_min = {n_min} points, got {n_points}")
+    ids, errors = _apply(lambda p: _twonn_scaling(p, fraction, sizes, seed), [X], device, dtype)
+    return IdScaling(ids, errors, 2 ** np.arange(1, len(sizes) + 1))
+
+
 def gride(
     X: ArrayLike | Pairwise,
     *,
@@ -241,7 +270,7 @@ def gride(
     eps: float = 1e-7,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float64,
-) -> GrideProfile:
+) -> IdScaling:
     """Intrinsic-dimension profile by GRIDE (Denti, Doimo, Laio & Mira 2022, Sci. Rep. 12:20005).
 
     At each scale n1 = 1, 2, 4, ... (n2 = 2 n1 <= min(N - 1, range_max)), mu = r_n2 / r_n1 and d
@@ -256,7 +285,7 @@ def gride(
     if max_step < 1:
         raise ValueError(f"GRIDE needs at least 3 points, got {n_points}")
     ids, errors = _apply(lambda p: _gride(p, max_step, d0, d1, eps), [X], device, dtype)
-    return GrideProfile(ids, errors, 2 ** np.arange(1, max_step + 1))
+    return IdScaling(ids, errors, 2 ** np.arange(1, max_step + 1))
 
 
 def neighbourhood_overlap(
@@ -588,6 +617,45 @@ def _twonn(p: Pairwise, fraction: float) -> torch.Tensor:
         x = torch.where(used, x, 0)
         ids = (x * torch.where(used, y, 0)).sum(dim=1) / (x * x).sum(dim=1)
     return _nan_if_few(ids, p, 3, "TwoNN")
+
+
+def _decimated_sizes(n_points: int, range_max: int, n_min: int) -> list[int]:
+    """Subset size at each TwoNN scale n2 = 2, 4, ... <= ``range_max`` (more than ``n_min``)."""
+    sizes = []
+    for step in range(max(range_max, 2).bit_length() - 1):
+        size = round(n_points / 2**step)
+        if size <= n_min:
+            break
+        sizes.append(size)
+    return sizes
+
+
+def _twonn_scaling(
+    p: Pairwise, fraction: float, sizes: list[int], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)  # per call: every chunk of layers draws the same subsets
+    ids, errors = [], []
+    for size in sizes:
+        subsets = (
+            [np.arange(p.n_points)]
+            if size == p.n_points
+            else [
+                rng.choice(p.n_points, size, replace=False) for _ in range(round(p.n_points / size))
+            ]
+        )
+        per = torch.stack([_twonn(_subset(p, idx), fraction) for idx in subsets], dim=1)
+        ids.append(per.mean(dim=1))
+        spread = per.std(dim=1, correction=0) / math.sqrt(len(subsets))  # as DADApy
+        errors.append(spread if len(subsets) > 1 else torch.full_like(spread, math.nan))
+    return torch.stack(ids, dim=1), torch.stack(errors, dim=1)
+
+
+def _subset(p: Pairwise, index: np.ndarray) -> Pairwise:
+    """The Pairwise of the points ``index`` alone."""
+    i = torch.as_tensor(index, device=p.sqdist.device)
+    return Pairwise(
+        p.gram[:, i][:, :, i], p.sqdist[:, i][:, :, i], p.keep[:, i], p.layers, p.single
+    )
 
 
 def _gride(
@@ -1129,6 +1197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=30, help="neighbours for overlaps (30)")
     parser.add_argument("--gride-range-max", type=int, default=64, help="largest GRIDE n2 (64)")
     parser.add_argument("--twonn-fraction", type=float, default=0.9, help="TwoNN mu kept (0.9)")
+    parser.add_argument(
+        "--twonn-range-max",
+        type=int,
+        default=64,
+        help="largest scale n2 of TwoNN by decimation (64; 2: all points only)",
+    )
     parser.add_argument("--imbalance-k", type=int, default=1, help="information imbalance k (1)")
     parser.add_argument(
         "--n-permutations", type=int, default=100, help="ID-correlation permutations (100)"
@@ -1416,7 +1490,9 @@ def _modality_rows(
     n_kept = p.n_kept.tolist()
     entropy = gram_entropy(p.gram).cpu().numpy()
     prof = gride(p, range_max=args.gride_range_max)  # first: its neighbour lists are the longest
-    ids_twonn = twonn(p, fraction=args.twonn_fraction)
+    twonn_prof = twonn_scaling(
+        p, fraction=args.twonn_fraction, range_max=args.twonn_range_max, seed=args.seed
+    )
     overlaps = {}
     if labels is not None:
         missing = [i for i in ids if i not in labels.index]
@@ -1431,10 +1507,12 @@ def _modality_rows(
             overlaps[metric] = label_overlap(p, codes, k=args.k, per_point=True)
     rows = []
     for i, base in enumerate(bases):
-        rows.append(_row(base, "id_twonn", math.nan, ids_twonn[i], n=n_kept[i]))
-        for value, err, scale in zip(prof.id[i], prof.error[i], prof.scale, strict=True):
-            ci = (value - 1.96 * err, value + 1.96 * err)
-            rows.append(_row(base, "id_gride", scale, value, ci, n_kept[i]))
+        for metric, scaling in (("id_twonn", twonn_prof), ("id_gride", prof)):
+            for value, err, scale in zip(
+                scaling.id[i], scaling.error[i], scaling.scale, strict=True
+            ):
+                ci = (value - 1.96 * err, value + 1.96 * err)
+                rows.append(_row(base, metric, scale, value, ci, n_kept[i]))
         for metric, per in overlaps.items():
             rows.append(_mean_row(base, metric, args.k, per[i], args))
         rows.append(_row(base, "entropy", math.nan, entropy[i], n=p.n_points))

@@ -5,8 +5,8 @@ and FIG.svg (same stem). Tables of the same kind are concatenated (e.g. one per 
 
 * ``probe``: probe accuracy by depth, one panel per label (columns) and train -> test modality
   (rows: image->image, text->text, text->image, image->text), one line per model, chance dotted;
-* ``id``: intrinsic dimension by depth (TwoNN; GRIDE at ``--scale``), one line per model and
-  modality (image solid, text dashed);
+* ``id``: intrinsic dimension by depth (TwoNN on all points; TwoNN by decimation and GRIDE at
+  ``--scale``), one line per model and modality (image solid, text dashed);
 * ``overlap``: image-text neighbourhood overlap by depth per model, the question-identity
   baseline (``baseline_overlap:*``, mean of the image and text prompts) dashed, and the gain
   tuned - aligned in a second panel;
@@ -304,17 +304,25 @@ def plot_probe(table: pd.DataFrame, args) -> plt.Figure:
     return fig
 
 
-def _id_rows(table: pd.DataFrame, scale: float) -> tuple[pd.DataFrame, str]:
-    twonn = table[table["metric"] == "id_twonn"].assign(panel="TwoNN")
-    gride = table[table["metric"] == "id_gride"]
-    gride_panel = "GRIDE"
-    if not gride.empty:
-        scales = np.sort(gride["scale"].dropna().unique())
-        chosen = scales[np.argmin(np.abs(scales - scale))] if len(scales) else math.nan
-        gride = gride[np.isclose(gride["scale"], chosen)]
-        gride_panel = f"GRIDE (scale n2 = {chosen:g})"
-        gride = gride.assign(panel=gride_panel)
-    return pd.concat([twonn, gride], ignore_index=True), gride_panel
+def _id_rows(table: pd.DataFrame, scale: float) -> pd.DataFrame:
+    """The ID rows shown, a ``panel`` each: TwoNN on all points (its smallest scale, n2 = 2),
+    and TwoNN (by decimation) and GRIDE at the scale nearest ``scale``."""
+    panels: dict[str, pd.DataFrame] = {}
+    for metric, name, at in (
+        ("id_twonn", "TwoNN", 2.0),
+        ("id_twonn", "TwoNN", scale),
+        ("id_gride", "GRIDE", scale),
+    ):
+        rows = table[table["metric"] == metric]
+        scales = np.sort(rows["scale"].dropna().unique())
+        if len(scales):
+            chosen = scales[np.argmin(np.abs(scales - at))]
+            all_points = metric == "id_twonn" and chosen == scales[0]
+            panel = f"{name} ({'all points' if all_points else f'scale n2 = {chosen:g}'})"
+            panels.setdefault(panel, rows[np.isclose(rows["scale"], chosen)].assign(panel=panel))
+    if not panels:
+        return table.iloc[:0].assign(panel="")
+    return pd.concat(panels.values(), ignore_index=True)
 
 
 def _tap(table: pd.DataFrame, args, what: str) -> pd.DataFrame:
@@ -358,12 +366,12 @@ def plot_id(table: pd.DataFrame, args) -> plt.Figure:
     _need(table, ["relative_depth", "model", "modality", "metric", "scale", "value"], "geometry")
     rows = _tap(_pick(table, "pooling", args.pooling, "geometry"), args, "geometry")
     rows = rows[rows["modality"].isin(["image", "text"])]
-    rows, gride_panel = _id_rows(rows, args.scale)
+    rows = _id_rows(rows, args.scale)
     if rows.empty:
         raise NotMeasured("no id_twonn / id_gride rows for image or text inputs")
     rows = with_roles(rows, args.roles)
     agg = aggregate(rows, ["panel", "model", "modality", "relative_depth"])
-    panels = {"TwoNN": "TwoNN", gride_panel: gride_panel}
+    panels = {panel: panel for panel in rows["panel"].unique()}
     fig = _profiles(agg, panels, "intrinsic dimension", model_roles(rows), args)
     fig.suptitle(
         f"{args.title} (pooling: {args.pooling}); higher = more dimensions in use", fontsize=11
@@ -922,7 +930,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tap", default="residual", help="tap point shown by the depth profiles (residual)"
     )
-    parser.add_argument("--scale", type=float, default=32, help="GRIDE scale n2 (nearest; 32)")
+    parser.add_argument(
+        "--scale", type=float, default=32, help="ID scale n2, GRIDE's and TwoNN's (nearest; 32)"
+    )
     parser.add_argument("--label", nargs="*", help="probe labels shown (default: all)")
     parser.add_argument("--subset", default="all", help="eval subset: all | seen | heldout")
     parser.add_argument("--metric", default="accuracy", help="eval/intervention metric")

@@ -51,7 +51,8 @@ rule geometry:
     shell:
         "VLMLAYERS_THREADS={threads} vlmlayers geometry --model {wildcards.model:q} "
         "{params.stores} --labels {input.labels:q} --poolings {params.g[poolings]} "
-        "--k {params.g[k]} --gride-range-max {params.g[gride_range_max]} {params.baseline} "
+        "--k {params.g[k]} --gride-range-max {params.g[gride_range_max]} "
+        "--twonn-range-max {params.g[twonn_range_max]} {params.baseline} "
         "--taps {params.g[taps]} {params.heads} --n-boot {params.g[n_boot]} "
         "--n-permutations {params.g[n_permutations]} --adp-z {params.g[adp_z]} "
         "--seed {params.seed} --out {output:q} > {log:q} 2>&1"
