@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -203,6 +205,30 @@ def test_abstraction_follows_the_id_peaks():
     assert verdicts(geometry=geometry())["abstraction"] == SUPPORTED
     assert verdicts(geometry=geometry(image_id_peak="late"))["abstraction"] == NOT_SUPPORTED
     assert verdicts(geometry=geometry(text_id_interior=False))["abstraction"] == NOT_SUPPORTED
+
+
+def test_config_reads_twonn_on_all_points_among_its_scales():
+    # config.yaml's abstraction claim also asks for an interior TwoNN peak on all points
+    # (scale 2); the geometry stage writes TwoNN at larger scales too, which must not mix in.
+    config = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    criteria = config["claims"]
+    rising, interior = 6 - LAYERS / 4, 3 + bump(PEAK["middle"], 3)
+    geo = geometry()
+    base_text = {"model": "base", "modality": "text", "pooling": "last", "metric": "id_twonn",
+                 "relative_depth": LAYERS / 12, "layer": LAYERS, "seed": 0}  # fmt: skip
+
+    def twonn(values, scale):
+        return pd.DataFrame({**base_text, "value": values, "scale": scale})
+
+    mixed = pd.concat([geo, twonn(rising, 2.0), twonn(interior, 32.0)])
+    assert verdicts(criteria, geometry=mixed)["abstraction"] == NOT_SUPPORTED
+    peaked = pd.concat([geo, twonn(interior, 2.0), twonn(rising, 32.0)])
+    assert verdicts(criteria, geometry=peaked)["abstraction"] == SUPPORTED
+    unpinned = copy.deepcopy(criteria)
+    for test in unpinned["abstraction"]["tests"]:
+        if test["metric"] == "id_twonn":
+            del test["scale"]
+    assert verdicts(unpinned, geometry=mixed)["abstraction"] == NOT_MEASURED
 
 
 def test_selective_ft_within_and_faster():

@@ -90,27 +90,43 @@ def test_twonn_by_decimation_looks_past_small_scale_noise():
     assert scaling.id[0] == geometry.twonn(x) and scaling.id[0] > 4
     assert (np.diff(scaling.id) < 0).all()
     assert scaling.id[-1] == pytest.approx(2, abs=0.2)
-    assert scaling.id[-1] == pytest.approx(geometry.gride(x).id[-1], abs=0.2)
+    assert geometry.gride(x).id[-1] == pytest.approx(2, abs=0.2)
     assert np.isnan(scaling.error[0]) and (scaling.error[1:] > 0).all()
 
 
-def test_twonn_scaling_draws_the_same_subsets_for_every_layer_and_rerun():
+def test_twonn_scaling_draws_the_same_subsets_in_every_chunk_and_rerun(monkeypatch):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 300, 6))
     layers = geometry.twonn_scaling(x, range_max=16, seed=1)
     assert layers.id.shape == layers.error.shape == (3, 4) and list(layers.scale) == [2, 4, 8, 16]
-    for i in range(3):
-        alone = geometry.twonn_scaling(x[i], range_max=16, seed=1)
-        assert np.array_equal(alone.id, layers.id[i])
-    twins = geometry.twonn_scaling(np.stack([x[0], x[0]]), range_max=16, seed=1)
-    assert np.array_equal(twins.id[0], twins.id[1])  # one set of subsets for all layers
+    monkeypatch.setattr(geometry, "MEMORY_BUDGET", 1)  # one layer per chunk
+    assert np.array_equal(geometry.twonn_scaling(x, range_max=16, seed=1).id, layers.id)
     other = geometry.twonn_scaling(x, range_max=16, seed=2)
     assert np.array_equal(other.id[:, 0], layers.id[:, 0])  # all points: no draw
     assert not np.allclose(other.id[:, 1:], layers.id[:, 1:])
     assert list(geometry.twonn_scaling(x[0], range_max=2).scale) == [2]
     assert list(geometry.twonn_scaling(x[0, :25]).scale) == [2, 4]  # subsets > n_min = 10 points
-    with pytest.raises(ValueError, match="more than n_min = 10 points, got 10"):
-        geometry.twonn_scaling(x[0, :10])
+    few = geometry.twonn_scaling(x[0, :8])  # too few to decimate: all points only
+    assert list(few.scale) == [2] and few.id[0] == geometry.twonn(x[0, :8])
+
+
+def test_twonn_scaling_decimates_the_distinct_points(monkeypatch):
+    # As DADApy, which removes identical points first: a layer whose last 100 of 400 points
+    # repeat its first 100 is decimated into subsets of 300 / 2^i distinct points.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 400, 5))
+    x[1, 300:] = x[1, :100]
+    used = []
+    twonn = geometry._twonn
+    monkeypatch.setattr(
+        geometry, "_twonn", lambda p, fraction: used.append(p.n_kept.tolist()) or twonn(p, fraction)
+    )
+    with pytest.warns(geometry.DuplicatePointsWarning):
+        scaling = geometry.twonn_scaling(x, range_max=8)
+    assert used[0] == [400, 300]  # all points
+    assert used[1:3] == [[200, 150]] * 2  # n2 = 4: two subsets of half
+    assert used[3:] == [[100, 75]] * 4  # n2 = 8: four subsets of a quarter
+    assert np.isfinite(scaling.id).all()
 
 
 def test_overlap_identical_and_independent():

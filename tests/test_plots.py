@@ -251,6 +251,11 @@ def test_id_figure_shows_twonn_on_all_points_and_both_estimators_at_the_scale(tm
     twonn = geometry["metric"] == "id_twonn"
     svg = draw(tmp_path, "id", geometry[~twonn | (geometry["scale"] == 2)])  # all points only
     assert "TwoNN (all points)" in svg and "TwoNN (scale" not in svg
+    older = geometry[~twonn | (geometry["scale"] == 2)].copy()  # written before decimation
+    older.loc[older["metric"] == "id_twonn", "scale"] = np.nan
+    assert "TwoNN (all points)" in draw(tmp_path, "id", older)
+    svg = draw(tmp_path, "id", geometry[~twonn | (geometry["scale"] == 4)])  # no all-points row
+    assert "TwoNN (scale n2 = 4)" in svg and "all points" not in svg
 
 
 def test_colours_follow_roles_and_are_distinct():

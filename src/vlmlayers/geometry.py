@@ -22,22 +22,26 @@ n2 of GRIDE and TwoNN (the study reads GRIDE's n1=16/n2=32, i.e. scale 32), the 
 for SVCCA (0.99), the number of permutations for ``id_correlation_p``, Z for ``adp_homogeneity``,
 NaN otherwise. CIs of means (overlaps, ``prompt_entropy``) and of the median cosine are
 percentile bootstraps over samples; GRIDE's CI is its estimate +- 1.96 x the Fisher-information
-standard error (DADApy's), TwoNN's +- 1.96 x the standard error over its subsets (none at n2=2).
+standard error (DADApy's), TwoNN's +- 1.96 x DADApy's standard error over its subsets (none at
+n2 = 2; from two subsets at n2 = 4, so rough). ``n`` is the number of distinct points the
+estimate draws on (a decimated TwoNN uses about 2n / n2 of them in each subset).
 
 Estimators (one function each, arrays in, numbers out, all layers at once with torch):
 ``twonn``, ``twonn_scaling``, ``gride``, ``neighbourhood_overlap``, ``label_overlap``,
 ``information_imbalance``, ``linear_cka``, ``matrix_entropy``, ``svcca``, ``density_peaks``.
-Each takes an ``(N, D)`` array (-> a number), an ``(L, N, D)`` array or a list of per-layer
-arrays (-> one value per layer), or a precomputed ``pairwise(...)`` so that one Gram matrix per
-layer serves every estimator.
+Each takes an ``(N, D)`` array (-> a number; an ``IdScaling`` for ``gride`` and
+``twonn_scaling``), an ``(L, N, D)`` array or a list of per-layer arrays (-> one value per
+layer), or a precomputed ``pairwise(...)`` so that one Gram matrix per layer serves every
+estimator.
 ``paired_cosine``, ``id_correlation`` and ``adp_homogeneity`` need the coordinates (arrays
 only). Distances are Euclidean, from the Gram matrix of the centred points, in float64 by default
 (validation grade; float32 is an option for GPUs). Exact duplicate points are dropped before any
 neighbour-based estimate (one copy kept; DADApy's ``remove_identical_points``), with a
 ``DuplicatePointsWarning`` giving the count. Values agree with DADApy 0.3.4 (Glielmo et al.
-2022, Patterns 3:100589), the reference implementation, ADP clustering included (its compiled
-kernels need numpy < 2: the tests compare with kernels rebuilt from its C sources when
-VLMLAYERS_DADAPY_CYTHON names them, and always with its pure-Python ADP).
+2022, Patterns 3:100589), the reference implementation (``twonn_scaling`` in distribution: it
+draws its own subsets), ADP clustering included (its compiled kernels need numpy < 2: the tests
+compare with kernels rebuilt from its C sources when VLMLAYERS_DADAPY_CYTHON names them, and
+always with its pure-Python ADP).
 """
 
 from __future__ import annotations
@@ -246,19 +250,20 @@ def twonn_scaling(
     dtype: str | torch.dtype = torch.float64,
 ) -> IdScaling:
     """TwoNN at growing scales by decimation (Facco et al. 2017, Sci. Rep. 7:12140; DADApy's
-    ``return_id_scaling_2NN``): at scale n2 = 2^(i+1) <= ``range_max``, the mean TwoNN of about
-    2^i random subsets of round(N / 2^i) points (more than ``n_min``, the same subsets for every
-    layer), whose second neighbours lie about as far as the n2-th neighbours of all the points.
-    n2 = 2 is :func:`twonn` on all points. ``error`` is the standard error over the subsets
-    (NaN at n2 = 2: one subset). Drawn from ``seed`` alone, so reruns agree."""
+    ``return_id_scaling_2NN``): n2 = 2 is :func:`twonn` on all points; at n2 = 2^(i+1) <=
+    ``range_max`` (while N / 2^i > ``n_min``, N the points given), the mean TwoNN of about 2^i
+    random subsets of 1/2^i of each layer's distinct points, whose second neighbours lie about as
+    far as the n2-th neighbours of all of them. ``error`` is DADApy's standard error over the
+    subsets (NaN at n2 = 2: one set). Drawn from ``seed`` alone: layers with the same distinct
+    points get the same subsets, in every call."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     n_points = X.n_points if isinstance(X, Pairwise) else _n_points(X)
-    sizes = _decimated_sizes(n_points, range_max, n_min)
-    if not sizes:
-        raise ValueError(f"TwoNN needs more than n_min = {n_min} points, got {n_points}")
-    ids, errors = _apply(lambda p: _twonn_scaling(p, fraction, sizes, seed), [X], device, dtype)
-    return IdScaling(ids, errors, 2 ** np.arange(1, len(sizes) + 1))
+    n_scales = 1
+    while 2 ** (n_scales + 1) <= range_max and round(n_points / 2**n_scales) > n_min:
+        n_scales += 1
+    ids, errors = _apply(lambda p: _twonn_scaling(p, fraction, n_scales, seed), [X], device, dtype)
+    return IdScaling(ids, errors, 2 ** np.arange(1, n_scales + 1))
 
 
 def gride(
@@ -619,43 +624,30 @@ def _twonn(p: Pairwise, fraction: float) -> torch.Tensor:
     return _nan_if_few(ids, p, 3, "TwoNN")
 
 
-def _decimated_sizes(n_points: int, range_max: int, n_min: int) -> list[int]:
-    """Subset size at each TwoNN scale n2 = 2, 4, ... <= ``range_max`` (more than ``n_min``)."""
-    sizes = []
-    for step in range(max(range_max, 2).bit_length() - 1):
-        size = round(n_points / 2**step)
-        if size <= n_min:
-            break
-        sizes.append(size)
-    return sizes
-
-
 def _twonn_scaling(
-    p: Pairwise, fraction: float, sizes: list[int], seed: int
+    p: Pairwise, fraction: float, n_scales: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    all_points = _twonn(p, fraction)
+    ids, errors = [all_points], [torch.full_like(all_points, math.nan)]
     rng = np.random.default_rng(seed)  # per call: every chunk of layers draws the same subsets
-    ids, errors = [], []
-    for size in sizes:
-        subsets = (
-            [np.arange(p.n_points)]
-            if size == p.n_points
-            else [
-                rng.choice(p.n_points, size, replace=False) for _ in range(round(p.n_points / size))
-            ]
-        )
-        per = torch.stack([_twonn(_subset(p, idx), fraction) for idx in subsets], dim=1)
+    n_kept = p.n_kept
+    layer = torch.arange(len(n_kept), device=p.sqdist.device)[:, None, None]
+    for step in range(1, n_scales):
+        sizes = torch.round(n_kept / 2**step).long()  # of each layer's distinct points
+        width = int(sizes.max())
+        per = []
+        for _ in range(round(p.n_points / width)):
+            # the `width` kept points of lowest draw, per layer: a uniform subset of its distinct
+            # points, the same one for layers with the same points
+            draw = torch.as_tensor(rng.random(p.n_points), device=p.sqdist.device)
+            order = torch.argsort(torch.where(p.keep, draw, math.inf), dim=1)[:, :width]
+            sqdist = p.sqdist[layer, order[:, :, None], order[:, None, :]]
+            keep = torch.arange(width, device=sizes.device)[None, :] < sizes[:, None]
+            per.append(_twonn(_from_sqdist(sqdist, keep, p.layers), fraction))
+        per = torch.stack(per, dim=1)
         ids.append(per.mean(dim=1))
-        spread = per.std(dim=1, correction=0) / math.sqrt(len(subsets))  # as DADApy
-        errors.append(spread if len(subsets) > 1 else torch.full_like(spread, math.nan))
+        errors.append(per.std(dim=1, correction=0) / math.sqrt(per.shape[1]))  # as DADApy
     return torch.stack(ids, dim=1), torch.stack(errors, dim=1)
-
-
-def _subset(p: Pairwise, index: np.ndarray) -> Pairwise:
-    """The Pairwise of the points ``index`` alone."""
-    i = torch.as_tensor(index, device=p.sqdist.device)
-    return Pairwise(
-        p.gram[:, i][:, :, i], p.sqdist[:, i][:, :, i], p.keep[:, i], p.layers, p.single
-    )
 
 
 def _gride(
@@ -798,12 +790,16 @@ def _from_gram(gram: torch.Tensor) -> Pairwise:
     return Pairwise(gram, sqdist, keep, list(range(gram.shape[0])))
 
 
-def _from_sqdist(sqdist: torch.Tensor) -> Pairwise:
-    """A Pairwise of (L, N, N) squared distances (diagonal inf, no duplicates) for the
-    neighbour-based estimators only: its Gram matrix is an empty (L, N, 0) stand-in."""
+def _from_sqdist(
+    sqdist: torch.Tensor, keep: torch.Tensor | None = None, layers: list | None = None
+) -> Pairwise:
+    """A Pairwise of (L, N, N) squared distances (diagonal inf; ``keep``: the points used, all by
+    default) for the neighbour-based estimators only: its Gram matrix is an empty (L, N, 0)
+    stand-in."""
     gram = sqdist.new_empty(sqdist.shape[:2] + (0,))
-    keep = torch.ones(sqdist.shape[:2], dtype=torch.bool, device=sqdist.device)
-    return Pairwise(gram, sqdist, keep, list(range(sqdist.shape[0])))
+    if keep is None:
+        keep = torch.ones(sqdist.shape[:2], dtype=torch.bool, device=sqdist.device)
+    return Pairwise(gram, sqdist, keep, list(range(sqdist.shape[0])) if layers is None else layers)
 
 
 def _density_peaks(p: Pairwise, z: float, halo: bool, maxk: int) -> torch.Tensor:

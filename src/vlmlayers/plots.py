@@ -314,10 +314,12 @@ def _id_rows(table: pd.DataFrame, scale: float) -> pd.DataFrame:
         ("id_gride", "GRIDE", scale),
     ):
         rows = table[table["metric"] == metric]
+        if metric == "id_twonn":  # tables from before decimation: TwoNN on all points, no scale
+            rows = rows.assign(scale=rows["scale"].fillna(2.0))
         scales = np.sort(rows["scale"].dropna().unique())
         if len(scales):
             chosen = scales[np.argmin(np.abs(scales - at))]
-            all_points = metric == "id_twonn" and chosen == scales[0]
+            all_points = metric == "id_twonn" and np.isclose(chosen, 2.0)
             panel = f"{name} ({'all points' if all_points else f'scale n2 = {chosen:g}'})"
             panels.setdefault(panel, rows[np.isclose(rows["scale"], chosen)].assign(panel=panel))
     if not panels:
