@@ -127,6 +127,9 @@ def test_twonn_scaling_decimates_the_distinct_points(monkeypatch):
     assert used[1:3] == [[200, 150]] * 2  # n2 = 4: two subsets of half
     assert used[3:] == [[100, 75]] * 4  # n2 = 8: four subsets of a quarter
     assert np.isfinite(scaling.id).all()
+    monkeypatch.setattr(geometry, "MEMORY_BUDGET", 1)  # one layer per chunk: the same draws
+    with pytest.warns(geometry.DuplicatePointsWarning):
+        assert np.array_equal(geometry.twonn_scaling(x, range_max=8).id, scaling.id)
 
 
 def test_overlap_identical_and_independent():

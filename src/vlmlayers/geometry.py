@@ -629,14 +629,15 @@ def _twonn_scaling(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     all_points = _twonn(p, fraction)
     ids, errors = [all_points], [torch.full_like(all_points, math.nan)]
-    rng = np.random.default_rng(seed)  # per call: every chunk of layers draws the same subsets
+    # Per call, and as many draws whatever the layers: every chunk of layers gets the same ones.
+    rng = np.random.default_rng(seed)
     n_kept = p.n_kept
     layer = torch.arange(len(n_kept), device=p.sqdist.device)[:, None, None]
     for step in range(1, n_scales):
         sizes = torch.round(n_kept / 2**step).long()  # of each layer's distinct points
         width = int(sizes.max())
         per = []
-        for _ in range(round(p.n_points / width)):
+        for _ in range(round(p.n_points / round(p.n_points / 2**step))):  # as DADApy: about 2^step
             # the `width` kept points of lowest draw, per layer: a uniform subset of its distinct
             # points, the same one for layers with the same points
             draw = torch.as_tensor(rng.random(p.n_points), device=p.sqdist.device)
