@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pandas as pd
@@ -256,6 +257,19 @@ def test_id_figure_shows_twonn_on_all_points_and_both_estimators_at_the_scale(tm
     assert "TwoNN (all points)" in draw(tmp_path, "id", older)
     svg = draw(tmp_path, "id", geometry[~twonn | (geometry["scale"] == 4)])  # no all-points row
     assert "TwoNN (scale n2 = 4)" in svg and "all points" not in svg
+
+
+def test_a_profile_equal_to_an_earlier_models_stays_visible(tmp_path):
+    """base and aligned have the same text profiles here (as stage 1 freezes the LM): each
+    line that lies on another is drawn narrower than it, so both show."""
+    svg = draw(tmp_path, "id", geometry_table())
+    widths: dict[tuple[str, bool], list[str]] = {}  # (points, dashed) -> widths drawn
+    for path, style in re.findall(r'<path d="([^"]+)"[^>]*style="([^"]*stroke-width[^"]*)"', svg):
+        width = re.search(r"stroke-width: ([\d.]+)", style).group(1)
+        widths.setdefault((path, "stroke-dasharray" in style), []).append(width)
+    overlaid = [w for w in widths.values() if len(w) > 1]
+    assert overlaid  # base's and aligned's text lines, in each panel
+    assert all(len(set(w)) == len(w) for w in overlaid)
 
 
 def test_colours_follow_roles_and_are_distinct():

@@ -343,19 +343,27 @@ def _profiles(agg: pd.DataFrame, panels: Mapping[str, str], ylabels, roles, args
     palette = model_palette(roles)
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names) + 1.8, 3.8), squeeze=False)
     forms = list(MODALITY_STYLES) + sorted(set(agg["modality"]) - set(MODALITY_STYLES))
+    order = model_order(roles)
+    # Each model's lines a little narrower than the one drawn before it, so that a later model
+    # that did not change a profile (aligned's text prompts: stage 1 freezes the LM) leaves the
+    # earlier line visible around its own.
+    steps = np.linspace(3.2, 1.4, len(order)) if len(order) > 1 else np.full(len(order), 1.6)
+    widths = dict(zip(order, steps, strict=True))
     handles = {}
     for ax, panel in zip(axes[0], names, strict=True):
         _thirds(ax, args.thirds)
         part = agg[agg["panel"] == panel]
-        for model in model_order(roles):
+        for model in order:
             for modality in forms:
                 sel = part[(part["model"] == model) & (part["modality"] == modality)]
                 if sel.empty:
                     continue
                 style = MODALITY_STYLES.get(modality, ("-", "o"))
-                _line(ax, sel, palette[model], style)
+                _line(ax, sel, palette[model], style, lw=widths[model])
                 form = f", {modality} prompts" if modality in ("image", "text") else ""
-                handles[f"{model} ({roles[model]}){form}"] = _handle(palette[model], style)
+                handles[f"{model} ({roles[model]}){form}"] = _handle(
+                    palette[model], style, widths[model]
+                )
         ax.set_title(panels[panel], fontsize=10)
         ax.set_ylabel(ylabels if isinstance(ylabels, str) else ylabels[panel])
     fig.supxlabel(DEPTH_LABEL, fontsize=9)
