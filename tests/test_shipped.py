@@ -69,7 +69,7 @@ def test_pretraining_reproduces_the_first_recorded_losses(tmp_path):
     params = manifest["params"]
     args = argparse.Namespace(
         **{**params, "world": tmp_path / "world", "out": tmp_path / "base", "steps": 3,
-           "instruct_steps": 0, "chat_steps": 0}
+           "instruct_steps": 0, "chat_steps": 0, "relation_steps": 0}
     )  # fmt: skip
     # the schedule depends on the total steps: compare the warm-up steps, where it does not
     assert args.warmup >= 3

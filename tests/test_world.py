@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -160,6 +162,38 @@ def test_statements_are_true_of_their_scene():
                 assert rest in (thing.colour, thing.size)
             else:  # "the circle is left of the square", "... bigger than ..."
                 assert scenes.relation_holds(words[3], thing, by_shape[words[-1]]), sentence
+
+
+def test_relation_texts_are_answered_from_their_descriptions():
+    """Relation tuning's questions (row, column, position, the relations) come with the answer
+    their scene gives, read back from the first description, and each kind is asked."""
+    asked = []
+    for text in scenes.relation_texts(120, np.random.default_rng(0), n_captions=2):
+        lines = text.split("\n")
+        caption, question = lines[1].removeprefix("1. ").removesuffix(" ."), lines[3]
+        answer = text.split(prompts.ANSWER_PREFIX)[1].removesuffix("</s>").strip()
+        things = {}
+        for part in re.split(r" , | and ", caption):  # one object each
+            words = part.split()
+            shape = next(w for w in words if w in scenes.SHAPES)
+            cell = re.search(r"(top|bottom) (left|right)", part).group(0)
+            size = next(w for w in words if w in scenes.SIZES)
+            things[shape] = scenes.Thing(shape, "", size, cell)
+        named = [w for w in question.split() if w in scenes.SHAPES]
+        target = things[named[0]]
+        if "row" in question.split() or "column" in question.split():
+            kind = "row" if "row" in question.split() else "column"
+            assert answer == target.cell.split()[kind == "column"], text
+        elif len(named) == 1:
+            kind = "position"
+            assert answer == target.cell, text
+        else:
+            word = next(w for w in question.split() if w in scenes.RELATION_STATEMENTS)
+            kind = next(k for k, words in scenes.RELATION_WORDS.items() if word in words)
+            holds = scenes.relation_holds(word, target, things[named[1]])
+            assert answer == ("yes" if holds else "no"), text
+        asked.append(kind)
+    assert set(asked) == {"row", "column", "position", *scenes.RELATIONS}
 
 
 def test_chat_texts_put_a_caption_where_the_image_goes():

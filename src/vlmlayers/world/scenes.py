@@ -135,6 +135,14 @@ KNOWLEDGE_QUESTIONS = {
     ),
 }
 RELATIONS = ("horizontal", "vertical", "comparative")  # questions about a pair of objects
+# Where one object is, one coordinate at a time: asked only while the base LM is tuned on
+# relations (``relation_texts``), not in the benchmark. They make the LM fetch an object's column
+# at the first answer word, which neither position questions (row first) nor any text in the
+# corpus asks for, and which a horizontal question needs for both of its objects.
+COORDINATE_QUESTIONS = {
+    "row": ("which row is the {shape} in ?", "in which row is the {shape} ?"),
+    "column": ("which column is the {shape} in ?", "in which column is the {shape} ?"),
+}
 
 # What the corpus says about a scene right after its caption: one statement per attribute of each
 # object, and every relation that holds between two objects.
@@ -464,6 +472,33 @@ def chat_texts(n: int, rng: np.random.Generator) -> list[str]:
     return texts
 
 
+def relation_texts(n: int, rng: np.random.Generator, n_captions: int) -> list[str]:
+    """``n`` text-form questions about where objects are and how they relate, each kind of
+    ``COORDINATE_QUESTIONS``, position and ``RELATIONS`` equally often, answered. The base LM's
+    relation tuning (``train_base --relation-steps``): models/tinyworld/README.md has why."""
+    kinds = [*COORDINATE_QUESTIONS, "position", *RELATIONS]
+    texts = []
+    while len(texts) < n:
+        scene = random_scene(rng)
+        captions = scene.captions(rng)
+        rng.shuffle(captions)
+        kind = kinds[int(rng.integers(len(kinds)))]
+        if kind in COORDINATE_QUESTIONS:
+            target = scene.things[int(rng.integers(len(scene.things)))]
+            templates = COORDINATE_QUESTIONS[kind]
+            question = templates[int(rng.integers(len(templates)))].format(shape=target.shape)
+            row, column = target.cell.split()
+            answer = row if kind == "row" else column
+        else:
+            asked = ask(scene, kind, rng)
+            if asked is None:  # a relation needs two objects
+                continue
+            question, answer, _ = asked
+        messages = prompts.text_messages(captions[:n_captions], question)
+        texts.append(render_chat(prompts.with_answer(messages, answer)))
+    return texts
+
+
 def vocabulary_texts() -> list[str]:
     """Texts holding every word the world can produce (captions, questions, answers, facts,
     prompts), so the tokenizer is a function of this module alone, whatever the split sizes
@@ -477,6 +512,7 @@ def vocabulary_texts() -> list[str]:
     }
     templates = [t for pair in CAPTION_TEMPLATES for t in pair]
     templates += [t for variants in QUESTIONS.values() for t in variants]
+    templates += [t for variants in COORDINATE_QUESTIONS.values() for t in variants]
     templates += [*STATEMENTS, *RELATION_STATEMENTS.values()]
     texts = [t.format(**{k: v[i % len(v)] for k, v in values.items()}, objects="and ,")
              for t in templates for i in range(len(SHAPES))]  # fmt: skip

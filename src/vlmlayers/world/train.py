@@ -211,11 +211,15 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     ``scenes.chat_texts`` (a description where the VLM gets the image, then a question or the
     captioning request), a quarter text-form QA, a quarter the rest; the loss on everything
     after "assistant :" (``chat.REPLY_START``, so "Answer:" too) and on the whole of the rest.
+    Relation tuning (``--relation-steps`` at ``--relation-lr``): half of each batch
+    ``scenes.relation_texts`` (which row or column an object is in, where it is, how two relate),
+    a quarter chat texts, a quarter text-form QA, the loss as in chat tuning.
     Each tuning phase warms up over ``--warmup`` steps, as pretraining does.
     models/tinyworld/README.md has what each phase did: without the lists no lookup formed in
     a caption, without the instruction loss the QA did not use the lookups the statements had
-    taught, and without chat tuning stage 1 did not learn to pass colours on and `aligned`
-    did not answer in the image form."""
+    taught, without chat tuning stage 1 did not learn to pass colours on and `aligned`
+    did not answer in the image form, and without the column questions of relation tuning no
+    horizontal relation was learnt."""
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
@@ -270,26 +274,33 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         rows += packed_rows(not_qa, rng, args.batch_size - half, args.context)
         return packed_batch(rows, tokenizer.pad_token_id, reply_after)
 
-    chat = []
-    if args.chat_steps:
+    chat, relation = [], []
+    if args.chat_steps or args.relation_steps:
         chat_rng = np.random.default_rng([args.seed, CHAT_TEXTS])
         chat = scenes.chat_texts(CHAT_TEXTS, chat_rng)
         chat = tokenizer(chat, add_special_tokens=True)["input_ids"]
+    if args.relation_steps:
+        n_captions = json.loads((args.world / "world.json").read_text())["n_captions"]
+        relation_rng = np.random.default_rng([args.seed, RELATION_TEXTS, 1])  # not chat's stream
+        relation = scenes.relation_texts(RELATION_TEXTS, relation_rng, n_captions)
+        relation = tokenizer(relation, add_special_tokens=True)["input_ids"]
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
 
-    def chat_batch(step: int) -> dict:
+    def tuning_batch(step: int, half: list, quarter: list) -> dict:
+        """Half of the rows ``half``, a quarter ``quarter``, a quarter text-form QA; the loss
+        after "assistant :" and on the whole of texts without it."""
         rng = batch_rng(args.seed, step)
-        quarter = args.batch_size // 4
-        rows = packed_rows(chat, rng, args.batch_size - 2 * quarter, args.context)
-        rows += packed_rows(qa, rng, quarter, args.context)
-        rows += packed_rows(not_qa, rng, quarter, args.context)
+        n = args.batch_size // 4
+        rows = packed_rows(half, rng, args.batch_size - 2 * n, args.context)
+        rows += packed_rows(qa, rng, n, args.context)
+        rows += packed_rows(quarter, rng, n, args.context)
         return packed_batch(rows, tokenizer.pad_token_id, reply_start)
 
     heldout_file = args.world / "test.parquet"
     heldout = pd.read_parquet(heldout_file) if heldout_file.exists() else None
     curve = partial_dir(args.out) / LEARNING_CURVE
 
-    total = args.steps + args.instruct_steps + args.chat_steps
+    total = args.steps + args.instruct_steps + args.chat_steps + args.relation_steps
 
     def score_curve(step: int) -> None:
         if heldout is None or not args.eval_every or step % args.eval_every or step == total:
@@ -313,8 +324,11 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     )  # fmt: skip
     tuning = (
         ("instruct", "instruction tuning", instruct_batch, args.instruct_steps, args.instruct_lr),
-        ("chat", "chat tuning", chat_batch, args.chat_steps, args.chat_lr),
-    )
+        ("chat", "chat tuning", lambda step: tuning_batch(step, chat, not_qa),
+         args.chat_steps, args.chat_lr),
+        ("relation", "relation tuning", lambda step: tuning_batch(step, relation, chat),
+         args.relation_steps, args.relation_lr),
+    )  # fmt: skip
     for name, desc, make_batch, steps, lr in tuning:
         if not steps:
             continue
@@ -342,6 +356,7 @@ LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA along all base-LM ph
 CURVE_QUESTIONS = 220  # the first rows of test.parquet: 20 of each question type
 REPEAT_LENGTHS = (3, 25)  # words in each of the base LM's repeated_lists
 CHAT_TEXTS = 20000  # scenes.chat_texts drawn for chat tuning
+RELATION_TEXTS = 20000  # scenes.relation_texts drawn for relation tuning
 
 
 def world_words(tokenizer) -> np.ndarray:
@@ -715,6 +730,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or the captioning request; the loss on the replies)",
     )
     parser.add_argument("--chat-lr", type=float, default=5e-4, help="base: their peak lr")
+    parser.add_argument(
+        "--relation-steps",
+        type=int,
+        default=0,
+        help="base: relation-tuning steps after chat tuning (which row or column an object is "
+        "in, where it is, how two relate; the loss on the replies)",
+    )
+    parser.add_argument("--relation-lr", type=float, default=5e-4, help="base: their peak lr")
     parser.add_argument(
         "--eval-every",
         type=int,
