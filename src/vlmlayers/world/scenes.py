@@ -12,8 +12,9 @@ Deterministic from ``--seed``. Writes, in the dataset contract (``vlmlayers.data
 ``test.parquet`` (the held-out benchmark: sub-tasks ``vision`` and ``knowledge``),
 ``analysis.parquet`` (distinct scenes with one question each, for extraction, probes and
 geometry), ``corpus.parquet`` (text-only pretraining corpus for the base LM) and ``world.json``
-(the settings it was built with, which the base LM's manifest records). ``chat_texts`` (the
-base LM's chat tuning) are not written: ``train_base`` draws them from its own seed.
+(the settings it was built with, which the base LM's manifest records). ``chat_texts`` and
+``relation_texts`` (the base LM's chat and relation tuning) are not written: ``train_base``
+draws them from its own seed.
 """
 
 from __future__ import annotations
@@ -473,9 +474,11 @@ def chat_texts(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def relation_texts(n: int, rng: np.random.Generator, n_captions: int) -> list[str]:
-    """``n`` text-form questions about where objects are and how they relate, each kind of
-    ``COORDINATE_QUESTIONS``, position and ``RELATIONS`` equally often, answered. The base LM's
-    relation tuning (``train_base --relation-steps``): models/tinyworld/README.md has why."""
+    """``n`` text-form questions about where objects are and how they relate, answered: a kind
+    of ``COORDINATE_QUESTIONS``, position or ``RELATIONS`` drawn uniformly with each scene, a
+    relation drawn for a one-object scene dropped with it (so the relations come a third less
+    often: 0.13-0.14 of the texts each, the others 0.19-0.21). The base LM's relation tuning
+    (``train_base --relation-steps``): models/tinyworld/README.md has why."""
     kinds = [*COORDINATE_QUESTIONS, "position", *RELATIONS]
     texts = []
     while len(texts) < n:
