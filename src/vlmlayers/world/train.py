@@ -719,29 +719,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="base: word lists said twice added to the corpus, as a share of its texts",
     )
-    parser.add_argument(
-        "--instruct-steps",
-        type=int,
-        default=0,
-        help="base: instruction-tuning steps after pretraining (loss on text-form QA replies)",
-    )
-    parser.add_argument("--instruct-lr", type=float, default=1e-3, help="base: their peak lr")
-    parser.add_argument(
-        "--chat-steps",
-        type=int,
-        default=0,
-        help="base: chat-tuning steps after instruction tuning (a description, then a question "
-        "or the captioning request; the loss on the replies)",
-    )
-    parser.add_argument("--chat-lr", type=float, default=5e-4, help="base: their peak lr")
-    parser.add_argument(
-        "--relation-steps",
-        type=int,
-        default=0,
-        help="base: relation-tuning steps after chat tuning (which row or column an object is "
-        "in, where it is, how two relate; the loss on the replies)",
-    )
-    parser.add_argument("--relation-lr", type=float, default=5e-4, help="base: their peak lr")
+    tuning_phases = (  # flag prefix, what its steps are, default peak lr
+        ("instruct", "instruction-tuning steps after pretraining (loss on text-form QA "
+         "replies)", 1e-3),
+        ("chat", "chat-tuning steps after instruction tuning (a description, then a question "
+         "or the captioning request; the loss on the replies)", 5e-4),
+        ("relation", "relation-tuning steps after chat tuning (which row or column an object "
+         "is in, where it is, how two relate; the loss on the replies)", 5e-4),
+    )  # fmt: skip
+    for phase, steps_help, lr in tuning_phases:
+        parser.add_argument(f"--{phase}-steps", type=int, default=0, help=f"base: {steps_help}")
+        parser.add_argument(f"--{phase}-lr", type=float, default=lr, help="base: their peak lr")
     parser.add_argument(
         "--eval-every",
         type=int,
