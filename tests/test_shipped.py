@@ -67,9 +67,12 @@ def test_pretraining_reproduces_the_first_recorded_losses(tmp_path):
     manifest = _manifest("base")
     scenes.build(tmp_path / "world", **manifest["world"])
     params = manifest["params"]
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    defaults = vars(parser.parse_args(["base", "--out", str(tmp_path)]))  # flags added since
     args = argparse.Namespace(
-        **{**params, "world": tmp_path / "world", "out": tmp_path / "base", "steps": 3,
-           "instruct_steps": 0, "chat_steps": 0, "relation_steps": 0}
+        **{**defaults, **params, "world": tmp_path / "world", "out": tmp_path / "base",
+           "steps": 3, "instruct_steps": 0, "chat_steps": 0, "relation_steps": 0}
     )  # fmt: skip
     # the schedule depends on the total steps: compare the warm-up steps, where it does not
     assert args.warmup >= 3
