@@ -228,6 +228,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
             f"{args.checkpoint_every}: the learning curve is scored at checkpoints"
         )
     corpus = pd.read_parquet(args.world / "corpus.parquet")
+    world = json.loads((args.world / "world.json").read_text())  # its settings, for the manifest
     tokenizer = build_tokenizer(scenes.vocabulary_texts())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -282,10 +283,9 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         chat = scenes.chat_texts(CHAT_TEXTS, chat_rng)
         chat = tokenizer(chat, add_special_tokens=True)["input_ids"]
     if args.relation_steps:
-        n_captions = json.loads((args.world / "world.json").read_text())["n_captions"]
         # the trailing 1 keeps this stream apart from chat's: numpy pads seeds with zeros
         relation_rng = np.random.default_rng([args.seed, RELATION_TEXTS, 1])
-        relation = scenes.relation_texts(RELATION_TEXTS, relation_rng, n_captions)
+        relation = scenes.relation_texts(RELATION_TEXTS, relation_rng, world["n_captions"])
         relation = tokenizer(relation, add_special_tokens=True)["input_ids"]
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
 
@@ -348,7 +348,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         log = pd.concat([log, tuned], ignore_index=True)
     meta = {
         **_meta(args, "base", device),
-        "world": json.loads((args.world / "world.json").read_text()),
+        "world": world,
         "corpus_sha256": hash_files([args.world / "corpus.parquet"]),
     }
     qa = text_qa_accuracy(model, tokenizer, heldout) if heldout is not None else {}
