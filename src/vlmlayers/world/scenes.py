@@ -396,6 +396,12 @@ def _facts() -> list[str]:
     ]
 
 
+def text_form_qa(captions: list[str], question: str, answer: str) -> str:
+    """A text-form question about the scene ``captions`` describe, with its answer, as the
+    base LM reads it (the chat template, rendered)."""
+    return render_chat(prompts.with_answer(prompts.text_messages(captions, question), answer))
+
+
 # The base LM's pretraining mix: share of each kind of text (corpus_texts)
 CORPUS_MIX = {
     "qa": 0.35,
@@ -431,8 +437,7 @@ def corpus_texts(n: int, rng: np.random.Generator, n_captions: int) -> pd.DataFr
             while asked is None:
                 asked = ask(scene, types[int(rng.integers(len(types)))], rng)
             question, answer, _ = asked
-            messages = prompts.text_messages(captions[:n_captions], question)
-            texts.append(render_chat(prompts.with_answer(messages, answer)))
+            texts.append(text_form_qa(captions[:n_captions], question, answer))
         elif kind == "statements":
             texts.append(f"{captions[0]} {statements(scene, rng, N_STATEMENTS)}")
         elif kind == "bindings":
@@ -497,8 +502,7 @@ def relation_texts(n: int, rng: np.random.Generator, n_captions: int) -> list[st
             if asked is None:  # a relation needs two objects
                 continue
             question, answer, _ = asked
-        messages = prompts.text_messages(captions[:n_captions], question)
-        texts.append(render_chat(prompts.with_answer(messages, answer)))
+        texts.append(text_form_qa(captions[:n_captions], question, answer))
     return texts
 
 
