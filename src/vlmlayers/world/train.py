@@ -1,8 +1,8 @@
 """Train the tiny world's checkpoints with real Hugging Face classes (saved by ``save_pretrained``).
 
 Steps (``vlmlayers train <step>``):
-  base     Llama-style LM pretrained on the text corpus (full-sequence loss), then instruction-
-           and chat-tuned, and optionally relation-tuned (loss on replies); untied embeddings
+  base     Llama-style LM pretrained on the text corpus (full-sequence loss), then instruction-,
+           chat- and relation-tuned (loss on replies); untied embeddings
   vision   CLIP-style vision tower: attribute heads on its patch tokens, every combination seen
   stage1   LLaVA stage 1 = ``aligned``: projector only (LM and tower frozen), image captioning
   stage2   LLaVA stage 2 = ``tuned``: projector + LM (or a band of its layers) on VQA
@@ -211,17 +211,17 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     ``scenes.chat_texts`` (a description where the VLM gets the image, then a question or the
     captioning request), a quarter text-form QA, a quarter the rest; the loss on everything
     after "assistant :" (``chat.REPLY_START``, so "Answer:" too) and on the whole of the rest.
-    Relation tuning (``--relation-steps`` at ``--relation-lr``; off in the shipped recipe): half
-    of each batch ``scenes.relation_texts`` (which row or column an object is in, where it is,
-    how two relate), a quarter text-form QA, a quarter chat texts, the loss as in chat tuning.
+    Relation tuning (``--relation-steps`` at ``--relation-lr``): half of each batch
+    ``scenes.relation_texts`` (which row or column an object is in, where it is, how two
+    relate), a quarter text-form QA, a quarter chat texts, the loss as in chat tuning.
     Each tuning phase warms up over ``--warmup`` steps, as pretraining does.
     models/tinyworld/README.md has what each phase did: without the lists no lookup formed in
     a caption, without the instruction loss the QA did not use the lookups the statements had
     taught, without chat tuning stage 1 did not learn to pass colours on and `aligned`
     did not answer in the image form. Relation tuning lifted the text QA's rows and size
-    comparisons to 1.00 but not horizontal (0.59), and stage 1 did not align from the LM it
-    gave; its column questions are there because horizontal questions followed them in a
-    drill, while drilling horizontal questions alone did not move them."""
+    comparisons to 1.00 but not horizontal (0.59), and stage 1 needs twice the steps to align
+    from the LM it gives; its column questions are there because horizontal questions followed
+    them in a drill, while drilling horizontal questions alone did not move them."""
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
