@@ -72,7 +72,7 @@ def test_pretraining_reproduces_the_first_recorded_losses(tmp_path):
     defaults = vars(parser.parse_args(["base", "--out", str(tmp_path)]))  # flags added since
     args = argparse.Namespace(
         **{**defaults, **params, "world": tmp_path / "world", "out": tmp_path / "base",
-           "steps": 3, "instruct_steps": 0, "chat_steps": 0, "relation_steps": 0}
+           "steps": 3, "instruct_steps": 0, "chat_steps": 0, "relation_steps": 0, "column_steps": 0}
     )  # fmt: skip
     # the schedule depends on the total steps: compare the warm-up steps, where it does not
     assert args.warmup >= 3

@@ -61,7 +61,7 @@ def test_stage1_trains_only_the_projector(tiny_models):
     assert any(not torch.equal(tuned_projector[k], v) for k, v in projector.items())
 
 
-def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps=0):
+def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps=0, column_steps=0):
     return argparse.Namespace(
         world=world,
         out=out,
@@ -74,6 +74,8 @@ def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps
         chat_lr=5e-4,
         relation_steps=relation_steps,
         relation_lr=5e-4,
+        column_steps=column_steps,
+        column_lr=5e-4,
         batch_size=4,
         lr=1e-3,
         warmup=1,
@@ -91,17 +93,23 @@ def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps
 @pytest.mark.parametrize(
     "phases",
     [
-        dict(instruct_steps=4, chat_steps=2, relation_steps=2),
-        dict(instruct_steps=2, chat_steps=4, relation_steps=2),
-        dict(instruct_steps=2, chat_steps=2, relation_steps=4),
+        dict(instruct_steps=4, chat_steps=2, relation_steps=2, column_steps=2),
+        dict(instruct_steps=2, chat_steps=4, relation_steps=2, column_steps=2),
+        dict(instruct_steps=2, chat_steps=2, relation_steps=4, column_steps=2),
+        dict(instruct_steps=2, chat_steps=2, relation_steps=2, column_steps=4),
     ],
-    ids=["killed-in-instruction-tuning", "killed-in-chat-tuning", "killed-in-relation-tuning"],
+    ids=[
+        "killed-in-instruction-tuning",
+        "killed-in-chat-tuning",
+        "killed-in-relation-tuning",
+        "killed-in-column-tuning",
+    ],
 )
 def test_resume_after_crash_continues_the_same_run(
     phases, tiny_world, tmp_path, monkeypatch, crash_training_at
 ):
-    """Pretraining (steps 1-2), then instruction, chat and relation tuning (8 steps between
-    them), killed at the third step of whichever tuning phase has four."""
+    """Pretraining (steps 1-2), then instruction, chat, relation and column tuning (10 steps
+    between them), killed at the third step of whichever tuning phase has four."""
     train.train_base(_base_args(tiny_world, tmp_path / "straight", 2, **phases))
     crash_training_at(3)  # only the phase with 4 steps reaches its step 3
     with pytest.raises(KeyboardInterrupt):
@@ -114,13 +122,13 @@ def test_resume_after_crash_continues_the_same_run(
     straight = pd.read_csv(tmp_path / "straight" / "losses.csv")
     resumed = pd.read_csv(tmp_path / "resumed" / "losses.csv")
     pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
-    assert resumed["step"].tolist() == list(range(1, 11))
-    # the held-out learning curve: scored at steps 2, 4, 6 and 8 (10 is the final), once each
+    assert resumed["step"].tolist() == list(range(1, 13))
+    # the held-out learning curve: scored at steps 2, 4, ..., 10 (12 is the final), once each
     curves = [
         pd.read_json(tmp_path / run / train.LEARNING_CURVE, lines=True)
         for run in ("straight", "resumed")
     ]
-    assert curves[0]["step"].tolist() == [2, 4, 6, 8]
+    assert curves[0]["step"].tolist() == [2, 4, 6, 8, 10]
     pd.testing.assert_frame_equal(*curves)
     assert set(curves[0]["text_accuracy_by_question_type"][0]) <= set(scenes.QUESTIONS)
     a = load_file(tmp_path / "straight" / "model.safetensors")

@@ -164,11 +164,15 @@ def test_statements_are_true_of_their_scene():
                 assert scenes.relation_holds(words[3], thing, by_shape[words[-1]]), sentence
 
 
-def test_relation_texts_are_answered_from_their_descriptions():
-    """Relation tuning's questions (row, column, position, the relations) come with the answer
-    their scene gives, read back from the first description, and each kind is asked."""
+@pytest.mark.parametrize(
+    "kinds", [scenes.RELATION_KINDS, scenes.COLUMN_KINDS], ids=["relation", "column"]
+)
+def test_relation_texts_are_answered_from_their_descriptions(kinds):
+    """Relation tuning's questions (row, column, position, the relations) and column tuning's
+    (column, horizontal) come with the answer their scene gives, read back from the first
+    description, and each kind asked for is asked, and no other."""
     asked = []
-    for text in scenes.relation_texts(120, np.random.default_rng(0), n_captions=2):
+    for text in scenes.relation_texts(120, np.random.default_rng(0), 2, kinds):
         lines = text.split("\n")
         caption, question = lines[1].removeprefix("1. ").removesuffix(" ."), lines[3]
         answer = text.split(prompts.ANSWER_PREFIX)[1].removesuffix("</s>").strip()
@@ -193,7 +197,7 @@ def test_relation_texts_are_answered_from_their_descriptions():
             holds = scenes.relation_holds(word, target, things[named[1]])
             assert answer == ("yes" if holds else "no"), text
         asked.append(kind)
-    assert set(asked) == {"row", "column", "position", *scenes.RELATIONS}
+    assert set(asked) == set(kinds)
 
 
 def test_chat_texts_put_a_caption_where_the_image_goes():

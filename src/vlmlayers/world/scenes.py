@@ -13,7 +13,7 @@ Deterministic from ``--seed``. Writes, in the dataset contract (``vlmlayers.data
 ``analysis.parquet`` (distinct scenes with one question each, for extraction, probes and
 geometry), ``corpus.parquet`` (text-only pretraining corpus for the base LM) and ``world.json``
 (the settings it was built with, which the base LM's manifest records). ``chat_texts`` and
-``relation_texts`` (the base LM's chat and relation tuning) are not written: ``train_base``
+``relation_texts`` (the base LM's chat, relation and column tuning) are not written: ``train_base``
 draws them from its own seed.
 """
 
@@ -137,9 +137,9 @@ KNOWLEDGE_QUESTIONS = {
 }
 RELATIONS = ("horizontal", "vertical", "comparative")  # questions about a pair of objects
 # Where one object is, one coordinate at a time: asked only while the base LM is tuned on
-# relations (``relation_texts``), not in the benchmark. They make the LM fetch an object's column
-# at the first answer word, which neither position questions (row first) nor any text in the
-# corpus asks for, and which a horizontal question needs for both of its objects.
+# relations and columns (``relation_texts``), not in the benchmark. They make the LM fetch an
+# object's column at the first answer word, which neither position questions (row first) nor
+# any text in the corpus asks for, and which a horizontal question needs for both of its objects.
 COORDINATE_QUESTIONS = {
     "row": ("which row is the {shape} in ?", "in which row is the {shape} ?"),
     "column": ("which column is the {shape} in ?", "in which column is the {shape} ?"),
@@ -478,13 +478,22 @@ def chat_texts(n: int, rng: np.random.Generator) -> list[str]:
     return texts
 
 
-def relation_texts(n: int, rng: np.random.Generator, n_captions: int) -> list[str]:
-    """``n`` text-form questions about where objects are and how they relate, answered: a kind
-    of ``COORDINATE_QUESTIONS``, position or ``RELATIONS`` drawn uniformly with each scene, a
-    relation drawn for a one-object scene dropped with it (so the relations come a third less
-    often: 0.13-0.14 of the texts each, the others 0.19-0.21). The base LM's relation tuning
-    (``train_base --relation-steps``): models/tinyworld/README.md has why."""
-    kinds = [*COORDINATE_QUESTIONS, "position", *RELATIONS]
+RELATION_KINDS = (*COORDINATE_QUESTIONS, "position", *RELATIONS)  # relation tuning's questions
+# column tuning's: the column lookup at each place a question needs it (the first answer word,
+# the word after the row, both objects of a horizontal question)
+COLUMN_KINDS = ("column", "position", "horizontal")
+
+
+def relation_texts(
+    n: int, rng: np.random.Generator, n_captions: int, kinds: tuple[str, ...] = RELATION_KINDS
+) -> list[str]:
+    """``n`` text-form questions about where objects are and how they relate, answered: one of
+    ``kinds`` (of ``COORDINATE_QUESTIONS``, position and ``RELATIONS``) drawn uniformly with
+    each scene, a relation drawn for a one-object scene dropped with it (so with all kinds the
+    relations come a third less often: 0.13-0.14 of the texts each, the others 0.19-0.21).
+    The base LM's relation tuning (``train_base --relation-steps``, all kinds) and column
+    tuning (``--column-steps``, ``COLUMN_KINDS``): models/tinyworld/README.md has why."""
+    kinds = list(kinds)
     texts = []
     while len(texts) < n:
         scene = random_scene(rng)

@@ -2,7 +2,7 @@
 
 Steps (``vlmlayers train <step>``):
   base     Llama-style LM pretrained on the text corpus (full-sequence loss), then instruction-,
-           chat- and relation-tuned (loss on replies); untied embeddings
+           chat-, relation- and column-tuned (loss on replies); untied embeddings
   vision   CLIP-style vision tower: attribute heads on its patch tokens, every combination seen
   stage1   LLaVA stage 1 = ``aligned``: projector only (LM and tower frozen), image captioning
   stage2   LLaVA stage 2 = ``tuned``: projector + LM (or a band of its layers) on VQA
@@ -213,7 +213,10 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     after "assistant :" (``chat.REPLY_START``, so "Answer:" too) and on the whole of the rest.
     Relation tuning (``--relation-steps`` at ``--relation-lr``): half of each batch
     ``scenes.relation_texts`` (which row or column an object is in, where it is, how two
-    relate), a quarter text-form QA, a quarter chat texts, the loss as in chat tuning.
+    relate), a quarter text-form QA, a quarter chat texts, the loss as in chat tuning. Column
+    tuning (``--column-steps`` at ``--column-lr``): the same, but for half of each batch only
+    the relation texts that need an object's column (``scenes.COLUMN_KINDS``: which column it
+    is in, where it is, whether it is left or right of another).
     Each tuning phase warms up over ``--warmup`` steps, as pretraining does.
     models/tinyworld/README.md has what each phase did: without the lists no lookup formed in
     a caption, without the instruction loss the QA did not use the lookups the statements had
@@ -221,7 +224,8 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     did not answer in the image form. Relation tuning lifted the text QA's rows and size
     comparisons to 1.00 but not horizontal (0.59), and stage 1 needs twice the steps to align
     from the LM it gives; its column questions are there because horizontal questions followed
-    them in a drill, while drilling horizontal questions alone did not move them."""
+    them in a drill, while drilling horizontal questions alone did not move them. Column
+    tuning is that drill: horizontal followed once the column lookup had started."""
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
@@ -277,8 +281,8 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         rows += packed_rows(not_qa, rng, args.batch_size - half, args.context)
         return packed_batch(rows, tokenizer.pad_token_id, reply_after)
 
-    chat, relation = [], []
-    if args.chat_steps or args.relation_steps:
+    chat, relation, column = [], [], []
+    if args.chat_steps or args.relation_steps or args.column_steps:
         chat_rng = np.random.default_rng([args.seed, CHAT_TEXTS])
         chat = scenes.chat_texts(CHAT_TEXTS, chat_rng)
         chat = tokenizer(chat, add_special_tokens=True)["input_ids"]
@@ -287,6 +291,13 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
         relation_rng = np.random.default_rng([args.seed, RELATION_TEXTS, 1])
         relation = scenes.relation_texts(RELATION_TEXTS, relation_rng, world["n_captions"])
         relation = tokenizer(relation, add_special_tokens=True)["input_ids"]
+    if args.column_steps:
+        column_rng = np.random.default_rng([args.seed, RELATION_TEXTS, 2])
+        column = scenes.relation_texts(
+            RELATION_TEXTS, column_rng, world["n_captions"], scenes.COLUMN_KINDS
+        )
+        column = tokenizer(column, add_special_tokens=True)["input_ids"]
+    chat_and_lists = chat + lists[: len(chat)]  # column tuning keeps the copying lists teach
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
 
     def tuning_batch(step: int, main: list, extra: list) -> dict:
@@ -304,7 +315,16 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     heldout = pd.read_parquet(heldout_file) if heldout_file.exists() else None
     curve = partial_dir(args.out) / LEARNING_CURVE
 
-    total = args.steps + args.instruct_steps + args.chat_steps + args.relation_steps
+    tuning = (
+        ("instruct", "instruction tuning", instruct_batch, args.instruct_steps, args.instruct_lr),
+        ("chat", "chat tuning", lambda step: tuning_batch(step, chat, not_qa),
+         args.chat_steps, args.chat_lr),
+        ("relation", "relation tuning", lambda step: tuning_batch(step, relation, chat),
+         args.relation_steps, args.relation_lr),
+        ("column", "column tuning", lambda step: tuning_batch(step, column, chat_and_lists),
+         args.column_steps, args.column_lr),
+    )  # fmt: skip
+    total = args.steps + sum(steps for *_, steps, _ in tuning)
 
     def score_curve(step: int) -> None:
         if heldout is None or not args.eval_every or step % args.eval_every or step == total:
@@ -325,13 +345,6 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     log = fit(
         model, pretrain_batch, args.out, desc="base LM", on_checkpoint=score_curve,
         **schedule(args),
-    )  # fmt: skip
-    tuning = (
-        ("instruct", "instruction tuning", instruct_batch, args.instruct_steps, args.instruct_lr),
-        ("chat", "chat tuning", lambda step: tuning_batch(step, chat, not_qa),
-         args.chat_steps, args.chat_lr),
-        ("relation", "relation tuning", lambda step: tuning_batch(step, relation, chat),
-         args.relation_steps, args.relation_lr),
     )  # fmt: skip
     for name, desc, make_batch, steps, lr in tuning:
         if not steps:
@@ -360,7 +373,7 @@ LEARNING_CURVE = "learning_curve.jsonl"  # held-out text QA along all base-LM ph
 CURVE_QUESTIONS = 220  # the first rows of test.parquet: 20 of each question type
 REPEAT_LENGTHS = (3, 25)  # words in each of the base LM's repeated_lists
 CHAT_TEXTS = 20000  # scenes.chat_texts drawn for chat tuning
-RELATION_TEXTS = 20000  # scenes.relation_texts drawn for relation tuning
+RELATION_TEXTS = 20000  # scenes.relation_texts drawn for relation tuning, and for column tuning
 
 
 def world_words(tokenizer) -> np.ndarray:
@@ -726,6 +739,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "or the captioning request; the loss on the replies)", 5e-4),
         ("relation", "relation-tuning steps after chat tuning (which row or column an object "
          "is in, where it is, how two relate; the loss on the replies)", 5e-4),
+        ("column", "column-tuning steps after relation tuning (which column an object is in, "
+         "where it is, whether it is left or right of another; the loss on the replies)", 5e-4),
     )  # fmt: skip
     for phase, steps_help, lr in tuning_phases:
         parser.add_argument(f"--{phase}-steps", type=int, default=0, help=f"base: {steps_help}")
