@@ -51,8 +51,8 @@ rule pretrain_base:
     threads: THREADS
     resources:
         mem_mb=4000,
-        # the shipped budget: 5.5 minutes on one GPU for its first 4,250 steps (chat and
-        # relation tuning's 700 were run on CPU), 3.8 hours on 2 CPU cores
+        # the shipped budget: 5.5 minutes on one GPU for its first 4,250 steps (chat, relation
+        # and column tuning's 1,200 were run on CPU), 4.2 hours on 2 CPU cores
         runtime=30 if WORLD_GPU else 300,
         gpu=WORLD_GPU,
     params:
