@@ -169,7 +169,7 @@ def test_statements_are_true_of_their_scene():
 )
 def test_relation_texts_are_answered_from_their_descriptions(kinds):
     """Relation tuning's questions (row, column, position, the relations) and column tuning's
-    (column, horizontal) come with the answer their scene gives, read back from the first
+    (column, position, horizontal) come with the answer their scene gives, read back from the first
     description, and each kind asked for is asked, and no other."""
     asked = []
     for text in scenes.relation_texts(120, np.random.default_rng(0), 2, kinds):

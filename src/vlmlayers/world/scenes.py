@@ -493,7 +493,6 @@ def relation_texts(
     relations come a third less often: 0.13-0.14 of the texts each, the others 0.19-0.21).
     The base LM's relation tuning (``train_base --relation-steps``, all kinds) and column
     tuning (``--column-steps``, ``COLUMN_KINDS``): models/tinyworld/README.md has why."""
-    kinds = list(kinds)
     texts = []
     while len(texts) < n:
         scene = random_scene(rng)
