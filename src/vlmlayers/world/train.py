@@ -300,7 +300,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
             RELATION_TEXTS, column_rng, world["n_captions"], scenes.COLUMN_KINDS
         )
         column = tokenizer(column, add_special_tokens=True)["input_ids"]
-    chat_and_lists = chat + lists[: len(chat)]  # column tuning keeps the copying lists teach
+    column_and_lists = column + lists[: len(column) // 4]  # keeps the copying lists teach
     reply_start = tokenizer(REPLY_START, add_special_tokens=False)["input_ids"]
 
     def tuning_batch(step: int, main: list, extra: list) -> dict:
@@ -324,7 +324,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
          args.chat_steps, args.chat_lr),
         ("relation", "relation tuning", lambda step: tuning_batch(step, relation, chat),
          args.relation_steps, args.relation_lr),
-        ("column", "column tuning", lambda step: tuning_batch(step, column, chat_and_lists),
+        ("column", "column tuning", lambda step: tuning_batch(step, column_and_lists, chat),
          args.column_steps, args.column_lr),
     )  # fmt: skip
     total = args.steps + sum(steps for *_, steps, _ in tuning)
