@@ -61,7 +61,10 @@ def test_stage1_trains_only_the_projector(tiny_models):
     assert any(not torch.equal(tuned_projector[k], v) for k, v in projector.items())
 
 
-def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps=0, column_steps=0):
+def _base_args(
+    world, out, steps, instruct_steps=0, chat_steps=0, relation_steps=0, column_steps=0,
+    column_cycles=1,
+):  # fmt: skip
     return argparse.Namespace(
         world=world,
         out=out,
@@ -76,6 +79,7 @@ def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps
         relation_lr=5e-4,
         column_steps=column_steps,
         column_lr=5e-4,
+        column_cycles=column_cycles,
         batch_size=4,
         lr=1e-3,
         warmup=1,
@@ -97,19 +101,24 @@ def _base_args(world, out, steps, instruct_steps=0, chat_steps=0, relation_steps
         dict(instruct_steps=2, chat_steps=4, relation_steps=2, column_steps=2),
         dict(instruct_steps=2, chat_steps=2, relation_steps=4, column_steps=2),
         dict(instruct_steps=2, chat_steps=2, relation_steps=2, column_steps=4),
+        dict(instruct_steps=2, chat_steps=2, relation_steps=2, column_steps=4, column_cycles=2),
     ],
     ids=[
         "killed-in-instruction-tuning",
         "killed-in-chat-tuning",
         "killed-in-relation-tuning",
         "killed-in-column-tuning",
+        "killed-in-the-first-of-two-column-cycles",
     ],
 )
 def test_resume_after_crash_continues_the_same_run(
     phases, tiny_world, tmp_path, monkeypatch, crash_training_at
 ):
     """Pretraining (steps 1-2), then instruction, chat, relation and column tuning (10 steps
-    between them), killed at the third step of whichever tuning phase has four."""
+    between them, 14 with two column cycles), killed at the third step of whichever tuning
+    phase has four (the first cycle's)."""
+    total = 2 + sum(v for k, v in phases.items() if k.endswith("_steps"))
+    total += phases["column_steps"] * (phases.get("column_cycles", 1) - 1)
     train.train_base(_base_args(tiny_world, tmp_path / "straight", 2, **phases))
     crash_training_at(3)  # only the phase with 4 steps reaches its step 3
     with pytest.raises(KeyboardInterrupt):
@@ -122,18 +131,31 @@ def test_resume_after_crash_continues_the_same_run(
     straight = pd.read_csv(tmp_path / "straight" / "losses.csv")
     resumed = pd.read_csv(tmp_path / "resumed" / "losses.csv")
     pd.testing.assert_series_equal(straight["loss"], resumed["loss"])
-    assert resumed["step"].tolist() == list(range(1, 13))
-    # the held-out learning curve: scored at steps 2, 4, ..., 10 (12 is the final), once each
+    assert resumed["step"].tolist() == list(range(1, total + 1))
+    # the held-out learning curve: scored at steps 2, 4, ... (not the final), once each
     curves = [
         pd.read_json(tmp_path / run / train.LEARNING_CURVE, lines=True)
         for run in ("straight", "resumed")
     ]
-    assert curves[0]["step"].tolist() == [2, 4, 6, 8, 10]
+    assert curves[0]["step"].tolist() == list(range(2, total, 2))
     pd.testing.assert_frame_equal(*curves)
     assert set(curves[0]["text_accuracy_by_question_type"][0]) <= set(scenes.QUESTIONS)
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_column_cycles_restart_the_schedule_on_new_batches(tiny_world, tmp_path):
+    """Two column cycles of 3 steps: each warms up again to the peak lr and decays to 0, and
+    the second trains on batches the first did not draw (its losses are not the first's)."""
+    args = _base_args(tiny_world, tmp_path / "base", 2, column_steps=3, column_cycles=2)
+    train.train_base(args)
+    log = pd.read_csv(tmp_path / "base" / "losses.csv")
+    assert log["step"].tolist() == list(range(1, 9))
+    first, second = log.iloc[2:5], log.iloc[5:8]
+    np.testing.assert_allclose(first["lr"], [5e-4, 2.5e-4, 0.0], atol=1e-12)
+    np.testing.assert_allclose(second["lr"], first["lr"])
+    assert not np.allclose(second["loss"], first["loss"])
 
 
 def test_a_curve_between_checkpoints_is_refused(tiny_world, tmp_path):

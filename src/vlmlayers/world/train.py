@@ -218,7 +218,8 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     each batch the relation texts that need an object's column (``scenes.COLUMN_KINDS``: which
     column it is in, where it is, whether it is left or right of another) and a quarter as many
     of pretraining's word lists (in-context copying, which stage 1 needs, faded in the phases
-    without them).
+    without them); ``--column-cycles`` runs it again from a fresh optimizer and warm-up on
+    batches the first cycle did not draw (warm restarts, Loshchilov & Hutter 2017).
     Each tuning phase warms up over ``--warmup`` steps, as pretraining does.
     models/tinyworld/README.md has what each phase did: without the lists no lookup formed in
     a caption, without the instruction loss the QA did not use the lookups the statements had
@@ -229,7 +230,7 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     them in a drill, while drilling horizontal questions alone did not move them. Column
     tuning is that drill: horizontal followed once the column lookup had started (1.00 without
     the word lists, but then stage 1 did not align; with them 0.73 when they halved the chat
-    quarter, 0.84 in the column half, 0.93 at twice the lr)."""
+    quarter, 0.84 in the column half, 0.93 at twice the lr, 1.00 after a second cycle)."""
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
@@ -325,8 +326,12 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
          args.chat_steps, args.chat_lr),
         ("relation", "relation tuning", lambda step: tuning_batch(step, relation, chat),
          args.relation_steps, args.relation_lr),
-        ("column", "column tuning", lambda step: tuning_batch(step, column_and_lists, chat),
-         args.column_steps, args.column_lr),
+        *(
+            (f"column{cycle + 1 if cycle else ''}", f"column tuning, cycle {cycle + 1}",
+             lambda step: tuning_batch(step, column_and_lists, chat),
+             args.column_steps, args.column_lr)
+            for cycle in range(args.column_cycles)
+        ),
     )  # fmt: skip
     total = args.steps + sum(steps for *_, steps, _ in tuning)
 
@@ -749,6 +754,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for phase, steps_help, lr in tuning_phases:
         parser.add_argument(f"--{phase}-steps", type=int, default=0, help=f"base: {steps_help}")
         parser.add_argument(f"--{phase}-lr", type=float, default=lr, help="base: their peak lr")
+    parser.add_argument(
+        "--column-cycles",
+        type=int,
+        default=1,
+        help="base: column tuning as this many cosine cycles of --column-steps, each warming up "
+        "again with a fresh optimizer (warm restarts, Loshchilov & Hutter 2017)",
+    )
     parser.add_argument(
         "--eval-every",
         type=int,
