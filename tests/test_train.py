@@ -158,12 +158,19 @@ def test_column_cycles_restart_the_schedule_on_new_batches(tiny_world, tmp_path)
     assert not np.allclose(second["loss"], first["loss"])
 
 
-def test_a_curve_between_checkpoints_is_refused(tiny_world, tmp_path):
-    args = _base_args(tiny_world, tmp_path / "base", 6)
-    args.eval_every = 3  # checkpoints every 2 steps: the curve would stay empty
-    with pytest.raises(
-        SystemExit, match="--eval-every 3 is not a multiple of --checkpoint-every 2"
-    ):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # checkpoints every 2 steps: the curve would stay empty
+        ({"eval_every": 3}, "--eval-every 3 is not a multiple of --checkpoint-every 2"),
+        # zero cycles would skip column tuning although --column-steps asks for it
+        ({"column_cycles": 0}, "--column-cycles 0: column tuning runs at least one cycle"),
+    ],
+)
+def test_inconsistent_settings_are_refused_before_training(tiny_world, tmp_path, setting, message):
+    args = _base_args(tiny_world, tmp_path / "base", 6, column_steps=2)
+    vars(args).update(setting)
+    with pytest.raises(SystemExit, match=message):
         train.train_base(args)
     assert not (tmp_path / "base").exists()
 

@@ -231,6 +231,11 @@ def train_base(args: argparse.Namespace, device: torch.device = CPU) -> None:
     tuning is that drill: horizontal followed once the column lookup had started (1.00 without
     the word lists, but then stage 1 did not align; with them 0.73 when they halved the chat
     quarter, 0.84 in the column half, 0.93 at twice the lr, 1.00 after a second cycle)."""
+    if args.column_cycles < 1:
+        raise SystemExit(
+            f"--column-cycles {args.column_cycles}: column tuning runs at least one cycle "
+            "(--column-steps 0 skips it)"
+        )
     if args.eval_every % args.checkpoint_every:
         raise SystemExit(
             f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
